@@ -1,0 +1,119 @@
+"""The backend contract, the registry, and `--backend auto`.
+
+The core owns everything that is not tensor math. A backend loads a model, attaches the method's
+trainable parameters, runs forward/backward on a `Batch`, steps the optimizer at the LR the core
+gives it, evaluates, yields next-token logits for the core's sampler, and saves/loads adapter
+tensors and its own optimizer/RNG state.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from ftkit.errors import BackendUnavailable
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ftkit.recipe import Recipe
+
+
+@dataclass
+class Batch:
+    """One micro-batch, already shifted: the model reads `inputs[:, t]` and should predict `targets[:, t]`.
+
+    `mask[:, t]` is 1.0 where that prediction counts toward the loss; `attention_mask` marks real
+    (non-padding) input tokens.
+    """
+
+    inputs: "np.ndarray"  # int32 [B, T]
+    targets: "np.ndarray"  # int32 [B, T]
+    mask: "np.ndarray"  # float32 [B, T]
+    attention_mask: "np.ndarray"  # int32 [B, T]
+
+    @property
+    def n_targets(self) -> int:
+        return int(self.mask.sum())
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+
+    def load(self, recipe: "Recipe", model_path: Path, *, adapter: Path | None, train: bool) -> None:
+        """Load the base from a local folder, attach the method (optionally from `adapter`)."""
+
+    def describe(self) -> dict[str, Any]:
+        """What the run log and ftkit.json record: device, dtype, precision, parameter counts."""
+
+    def forward_backward(self, batch: Batch, scale: float) -> float:
+        """Accumulate gradients of `scale * sum(target-token losses)`; return the unscaled sum."""
+
+    def optimizer_step(self, lr: float) -> dict[str, float]:
+        """Clip, step at `lr`, zero the gradients; return e.g. {"grad_norm": ...}."""
+
+    def eval_loss(self, batch: Batch) -> float:
+        """Sum of target-token losses, no gradients."""
+
+    def next_logits(self, new_ids: list[int], state: Any | None) -> tuple["np.ndarray", Any]:
+        """Float32 logits for the token after `new_ids` (appended to `state`'s context; None starts over)."""
+
+    def save_adapter(self, dest: Path) -> None:
+        """Write the trainable part in the common format (PEFT files; a full model folder for `full`)."""
+
+    def save_state(self, dest: Path) -> None:
+        """Write what resuming needs beyond the adapter: optimizer state, RNG."""
+
+    def load_state(self, src: Path) -> None:
+        """Restore what `save_state` wrote."""
+
+
+BACKENDS = {
+    "torch": ("ftkit_torch.backend", "TorchBackend", "torch", 'pip install "ftkit[torch]"  (CPU: pip install torch==2.13.0 first)'),
+    "mlx": ("ftkit_mlx.backend", "MlxBackend", "mlx", 'pip install "ftkit[mlx]"'),
+}
+
+
+def is_apple_silicon() -> bool:
+    return platform.system() == "Darwin" and platform.machine() == "arm64"
+
+
+def installed(name: str) -> bool:
+    module, _, dep, _ = BACKENDS[name]
+    return importlib.util.find_spec(dep) is not None and importlib.util.find_spec(module.split(".")[0]) is not None
+
+
+def pick_auto() -> tuple[str, str]:
+    """The backend `auto` picks, and why."""
+    if is_apple_silicon():
+        if installed("mlx"):
+            return "mlx", "Apple silicon (macOS arm64) and mlx is installed"
+        if installed("torch"):
+            return "torch", "Apple silicon, but mlx is not installed; torch is"
+    elif installed("torch"):
+        return "torch", f"{platform.system()} {platform.machine()}: torch is the backend here (mlx only when asked)"
+    elif installed("mlx"):
+        return "mlx", "torch is not installed; mlx is"
+    raise BackendUnavailable(
+        "No backend is installed. Install one: " + "; or ".join(spec[3] for spec in BACKENDS.values())
+    )
+
+
+def get_backend(name: str) -> Backend:
+    if name == "auto":
+        name, _ = pick_auto()
+    if name not in BACKENDS:
+        raise BackendUnavailable(f"Unknown backend {name!r}; choose auto, torch or mlx.")
+    module, cls, dep, hint = BACKENDS[name]
+    if importlib.util.find_spec(dep) is None:
+        raise BackendUnavailable(f"The {name} backend needs the '{dep}' package, which is not installed: {hint}")
+    return getattr(importlib.import_module(module), cls)()

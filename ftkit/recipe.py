@@ -1,0 +1,359 @@
+"""TOML recipe -> validated, typed `Recipe`.
+
+Every default lives in the models below (`ftkit recipe defaults` prints them). Errors from all sources
+are collected and reported together, each naming the file, the key and what is allowed, before any
+model is loaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ftkit.errors import RecipeError
+
+METHODS = ("lora", "dora", "full", "prompt", "prefix")
+ADAPTER_METHODS = ("lora", "dora", "prompt", "prefix")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    path: str = Field(description="Hub id, local model folder, or a .gguf file (converted once and cached).")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    quantize: Literal["none", "nf4", "fp4", "int8", "4bit", "8bit"] = Field(
+        "none", description="Quantize the base on load (torch: bitsandbytes nf4/fp4/int8; mlx: 4bit/8bit)."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype; auto = float32 on CPU, bfloat16 on GPUs that support it."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
+
+
+class MethodSection(Section):
+    kind: Literal["lora", "dora", "full", "prompt", "prefix"] = Field("lora", description="Training method.")
+    rank: int = Field(8, ge=1, description="LoRA/DoRA rank r.")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    targets: str | list[str] = Field(
+        "all-linear", description='Module names to adapt, or "all-linear" (every linear layer but the output head).'
+    )
+    layers: int | None = Field(None, ge=1, description="Adapt only the last N decoder blocks (default: all).")
+    num_virtual_tokens: int = Field(20, ge=1, description="prompt/prefix: number of virtual tokens.")
+    prompt_init_text: str | None = Field(None, description="prompt: initialise the soft prompt from this text.")
+    resume_from: str | None = Field(None, description="Start from this adapter folder (common format, PEFT, or mlx-lm).")
+
+
+class DataSection(Section):
+    path: str = Field(description="Folder with train/valid/test files, one file, or a `datasets` hub id.")
+    format: Literal["auto", "text", "completion", "chat"] = Field("auto", description="Example format; auto-detected.")
+    train_on: Literal["auto", "completion", "all"] = Field(
+        "auto",
+        description="Loss on all tokens, or on the completion / assistant turns only. "
+        "auto = completion for completion and chat data, all for text.",
+    )
+    response_template: str | None = Field(
+        None, description='text data: loss only on what follows this marker (e.g. "\\nA:"), as TRL\'s completion-only collator.'
+    )
+    max_seq_length: int = Field(2048, ge=8, description="Longer examples are truncated (and counted).")
+    valid_fraction: float = Field(0.1, ge=0, lt=1, description="Held out for validation when there is no valid split.")
+    test_fraction: float = Field(0.0, ge=0, lt=1, description="Held out for test when there is no test split.")
+    split_seed: int = Field(0, description="Seed of the train/valid/test split.")
+    text_field: str = Field("text", description="Column holding the text (text format).")
+    prompt_field: str = Field("prompt", description="Column holding the prompt (completion format).")
+    completion_field: str = Field("completion", description="Column holding the completion (completion format).")
+    messages_field: str = Field("messages", description="Column holding the messages (chat format).")
+    subset: str | None = Field(None, description="Hub data set configuration name.")
+    add_eos: bool = Field(True, description="Append the EOS token to every example.")
+
+
+class TrainSection(Section):
+    iters: int | None = Field(None, ge=1, description="Optimizer steps. Give iters or epochs.")
+    epochs: float | None = Field(None, gt=0, description="Passes over the training set (sets iters).")
+    batch_size: int = Field(4, ge=1, description="Examples per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (token-weighted).")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    scheduler: Literal["constant", "linear", "cosine"] = Field("cosine", description="Decay after warmup.")
+    warmup: float = Field(0.0, ge=0, description="Warmup: a fraction of the steps if < 1, else a step count.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final LR as a fraction of lr (linear/cosine).")
+    optimizer: Literal[
+        "adamw", "adam", "sgd", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "paged_lion_8bit", "adafactor"
+    ] = Field("adamw", description="Optimizer.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
+    beta1: float = Field(0.9, ge=0, lt=1, description="Adam beta1.")
+    beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm (none: off).")
+    seed: int = Field(0, description="Seed for initialisation, data order and dropout.")
+    # When to evaluate, report and save. Explicit step counts win over the proportions below.
+    steps_per_report: int | None = Field(None, ge=1, description="Report training loss every N steps.")
+    steps_per_eval: int | None = Field(None, ge=1, description="Validate every N steps.")
+    save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps.")
+    val_batches: int | None = Field(None, ge=1, description="Validation batches per evaluation (default: all).")
+    evals_per_epoch: float | None = Field(None, gt=0, description="Validations per epoch (axolotl).")
+    eval_proportion_of_total: float | None = Field(
+        None, gt=0, le=1, description="With evals_per_epoch: fraction of the validation set used per validation."
+    )
+    reporting_interval_proportion: float = Field(0.01, gt=0, le=1, description="Steps between reports, as a fraction of all steps.")
+    validation_interval_proportion: float = Field(0.2, gt=0, le=1, description="Steps between validations, as a fraction of all steps.")
+    validations_per_train_item: float | None = Field(
+        None, gt=0, description="Validation batches per training step between validations (mlx-tuning-fork)."
+    )
+    saves_per_epoch: float | None = Field(None, gt=0, description="Checkpoints per epoch (axolotl).")
+    adapter_save_interval_proportion: float = Field(0.1, gt=0, le=1, description="Steps between checkpoints, as a fraction of all steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints kept in the run folder.")
+    eval_before: bool = Field(True, description="Validate before the first step.")
+
+    @model_validator(mode="after")
+    def _length(self) -> "TrainSection":
+        if self.iters is None and self.epochs is None:
+            self.epochs = 1.0
+        return self
+
+
+class OutputSection(Section):
+    dir: str | None = Field(
+        None, description="Run folder: checkpoints, adapter, metrics, plot. Default: runs/<recipe name> under the working directory."
+    )
+
+
+class TorchSection(Section):
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto = cuda if available, else cpu.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Autocast precision; auto = bf16 on GPUs that support it, fp32 elsewhere."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass.")
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = Field("auto", description="Attention kernel.")
+    compile: bool = Field(False, description="torch.compile the model.")
+    distributed: Literal["none", "ddp", "fsdp"] = Field("none", description="Multi-process training (through accelerate).")
+
+
+class MlxSection(Section):
+    quantize_group_size: int = Field(64, description="Group size when quantizing the base on load.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass.")
+
+
+class Recipe(Section):
+    model: ModelSection
+    method: MethodSection = MethodSection()
+    data: DataSection
+    train: TrainSection = TrainSection()
+    output: OutputSection = OutputSection()
+    torch: TorchSection = TorchSection()
+    mlx: MlxSection = MlxSection()
+    name: str | None = Field(None, description="Stage name; defaults to the recipe file's stem.")
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.method.kind in ADAPTER_METHODS
+
+    def to_toml_dict(self) -> dict[str, Any]:
+        return json.loads(self.model_dump_json(exclude_none=True))
+
+    def to_toml(self) -> str:
+        """The resolved recipe, every default filled in, as a TOML file ftkit reads back."""
+        top, sections = [], []
+        for key, value in self.to_toml_dict().items():
+            if isinstance(value, dict):
+                body = "\n".join(f"{k} = {json.dumps(v)}" for k, v in value.items())
+                sections.append(f"[{key}]\n{body}\n")
+            else:
+                top.append(f"{key} = {json.dumps(value)}")
+        return "\n".join(top) + "\n\n" + "\n".join(sections)
+
+
+# ---------------------------------------------------------------- loading and errors
+
+PATH_KEYS = {("model", "path"), ("data", "path"), ("method", "resume_from"), ("output", "dir")}
+
+
+def _section_fields(section: str) -> list[str]:
+    ann = Recipe.model_fields.get(section)
+    if ann is None or not isinstance(ann.annotation, type) or not issubclass(ann.annotation, BaseModel):
+        return []
+    return list(ann.annotation.model_fields)
+
+
+def _suggest(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _parse_value(raw: str) -> Any:
+    """A --set value is read as a TOML value when it parses, else as a bare string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise RecipeError([f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. --set train.iters=20"])
+        key, raw = item.split("=", 1)
+        section, field = key.strip().split(".", 1)
+        out.setdefault(section, {})[field] = _parse_value(raw.strip())
+    return out
+
+
+def _looks_like_hub_id(value: str) -> bool:
+    parts = value.split("/")
+    return len(parts) == 2 and all(parts) and not value.startswith((".", "/", "~"))
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    """Paths in a recipe file are relative to that file; --set paths to the working directory."""
+    for section, key in PATH_KEYS:
+        value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
+        if not isinstance(value, str) or value.startswith(("/", "~")):
+            continue
+        candidate = (base / value).resolve()
+        if key == "dir" or candidate.exists() or not _looks_like_hub_id(value):
+            data[section][key] = str(candidate)
+
+
+def _merge(into: dict[str, Any], extra: dict[str, Any]) -> None:
+    for section, values in extra.items():
+        if isinstance(values, dict) and isinstance(into.get(section), dict):
+            into[section].update(values)
+        else:
+            into[section] = values
+
+
+def _unknown_keys(data: dict[str, Any], where: str) -> list[str]:
+    errors = []
+    sections = list(Recipe.model_fields)
+    for section, values in data.items():
+        if section not in Recipe.model_fields:
+            errors.append(f"{where}: unknown section [{section}].{_suggest(section, sections)} Allowed: {', '.join(sections)}.")
+            continue
+        if not isinstance(values, dict):
+            continue
+        fields = _section_fields(section)
+        for key in values:
+            if key not in fields:
+                errors.append(f"{where}: unknown key {section}.{key}.{_suggest(key, fields)}")
+    return errors
+
+
+def _line_of(text: str, section: str, key: str) -> int | None:
+    current = None
+    for n, line in enumerate(text.splitlines(), 1):
+        s = line.strip()
+        if s.startswith("[") and s.endswith("]"):
+            current = s.strip("[]").strip()
+        elif current == section and s.split("=", 1)[0].strip() == key:
+            return n
+    return None
+
+
+def _format_validation(err: ValidationError, where: str, text: str | None) -> list[str]:
+    out = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        if e["type"] == "extra_forbidden":
+            continue  # reported by _unknown_keys with a suggestion
+        key = ".".join(loc)
+        line = _line_of(text, loc[0], loc[1]) if text and len(loc) >= 2 else None
+        place = f"{where}:{line}" if line else where
+        msg = e["msg"]
+        if e["type"] == "missing":
+            msg = "required key is missing"
+        ctx = e.get("ctx") or {}
+        if "expected" in ctx:
+            msg = f"{msg}"
+        out.append(f"{place}: {key}: {msg} (got {e.get('input')!r})" if e["type"] != "missing" else f"{place}: {key}: {msg}")
+    return out
+
+
+def _check_combinations(r: Recipe, where: str) -> list[str]:
+    errors = []
+    if r.train.iters is not None and r.train.epochs is not None and r.train.epochs != 1.0:
+        errors.append(f"{where}: train.iters and train.epochs are both set; keep one.")
+    if r.data.train_on == "completion" and r.data.format == "text" and not r.data.response_template:
+        errors.append(
+            f"{where}: data.train_on = 'completion' with text data needs data.response_template "
+            "(the marker after which the completion starts), or set data.train_on = 'all'."
+        )
+    if r.method.kind == "full" and r.model.quantize != "none":
+        errors.append(f"{where}: method.kind = 'full' cannot train a quantized base (model.quantize = '{r.model.quantize}').")
+    if r.method.kind == "full" and r.method.resume_from:
+        errors.append(f"{where}: method.resume_from is for adapters; for full fine-tuning point model.path at the model folder.")
+    model_path = Path(r.model.path)
+    if not model_path.exists() and not _looks_like_hub_id(r.model.path):
+        errors.append(f"{where}: model.path: {r.model.path} does not exist (a local folder, a .gguf file, or a hub id 'org/name').")
+    data_path = Path(r.data.path)
+    if not data_path.exists() and not _looks_like_hub_id(r.data.path):
+        errors.append(f"{where}: data.path: {r.data.path} does not exist (a folder, a .jsonl/.csv/.parquet file, or a hub id).")
+    if r.method.resume_from and not Path(r.method.resume_from).exists() and not _looks_like_hub_id(r.method.resume_from):
+        errors.append(f"{where}: method.resume_from: {r.method.resume_from} does not exist.")
+    return errors
+
+
+def _read_toml(path: Path) -> tuple[dict[str, Any], str]:
+    if not path.exists():
+        raise RecipeError([f"{path}: no such recipe file."])
+    text = path.read_text()
+    try:
+        return tomllib.loads(text), text
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError([f"{path}: not valid TOML: {e}"]) from None
+
+
+def build_recipe(data: dict[str, Any], where: str, text: str | None = None, check_paths: bool = True) -> Recipe:
+    errors = _unknown_keys(data, where)
+    recipe = None
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        errors += _format_validation(e, where, text)
+    if recipe is not None and check_paths:
+        errors += _check_combinations(recipe, where)
+    if errors:
+        raise RecipeError(errors)
+    return recipe
+
+
+def load_recipes(paths: list[Path], overrides: list[str] | None = None, check_paths: bool = True) -> list[Recipe]:
+    """One Recipe per file (stages). --set overrides apply to every stage."""
+    extra = parse_overrides(overrides or [])
+    if extra:
+        _resolve_paths(extra, Path.cwd())
+    recipes, errors = [], []
+    for path in paths:
+        path = Path(path)
+        try:
+            data, text = _read_toml(path)
+            _resolve_paths(data, path.parent.resolve())
+            _merge(data, json.loads(json.dumps(extra)))
+            data.setdefault("name", path.stem)
+            recipe = build_recipe(data, str(path), text, check_paths)
+            if recipe.output.dir is None:
+                recipe.output.dir = str(Path.cwd() / "runs" / recipe.name)
+            recipes.append(recipe)
+        except RecipeError as e:
+            errors += e.problems
+    if errors:
+        raise RecipeError(errors)
+    return recipes
+
+
+def defaults_table() -> list[tuple[str, str, str]]:
+    """(key, default, description) for every recipe key: the one place defaults are documented."""
+    rows = []
+    for section, field in Recipe.model_fields.items():
+        model = field.annotation
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue
+        for key, f in model.model_fields.items():
+            default = "(required)" if f.is_required() else repr(f.default)
+            rows.append((f"{section}.{key}", default, f.description or ""))
+    return rows
