@@ -87,9 +87,16 @@ def is_apple_silicon() -> bool:
     return platform.system() == "Darwin" and platform.machine() == "arm64"
 
 
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:
+        return False
+
+
 def installed(name: str) -> bool:
     module, _, dep, _ = BACKENDS[name]
-    return importlib.util.find_spec(dep) is not None and importlib.util.find_spec(module.split(".")[0]) is not None
+    return _importable(dep) and _importable(module.split(".")[0])
 
 
 def pick_auto() -> tuple[str, str]:
@@ -114,6 +121,6 @@ def get_backend(name: str) -> Backend:
     if name not in BACKENDS:
         raise BackendUnavailable(f"Unknown backend {name!r}; choose auto, torch or mlx.")
     module, cls, dep, hint = BACKENDS[name]
-    if importlib.util.find_spec(dep) is None:
+    if not _importable(dep):
         raise BackendUnavailable(f"The {name} backend needs the '{dep}' package, which is not installed: {hint}")
     return getattr(importlib.import_module(module), cls)()

@@ -94,6 +94,10 @@ class TrainProgress:
         if tokens_per_sec is not None:
             fields["tps"] = _tokens(tokens_per_sec)
         self._progress.update(self._task, completed=step, **fields)
+        if self.enabled and loss is not None and not self.console.is_terminal:
+            # No live bar in a log file or CI: one line per report instead.
+            total = self._progress.tasks[0].total
+            self.console.print(f"step {step}/{total}: " + ", ".join(fields.values()))
 
     def log(self, message: str) -> None:
         """Print above the bar (the bar redraws below it)."""

@@ -71,7 +71,7 @@ class DataSection(Section):
     completion_field: str = Field("completion", description="Column holding the completion (completion format).")
     messages_field: str = Field("messages", description="Column holding the messages (chat format).")
     subset: str | None = Field(None, description="Hub data set configuration name.")
-    add_eos: bool = Field(True, description="Append the EOS token to every example.")
+    add_eos: bool = Field(True, description="Append the EOS token to text and completion examples (chat templates end their own turns).")
 
 
 class TrainSection(Section):

@@ -1,0 +1,1 @@
+"""ftkit's PyTorch backend (transformers + PEFT)."""

@@ -1,0 +1,150 @@
+"""The PyTorch backend: transformers models, PEFT methods, torch optimizers.
+
+Only tensor math lives here; the loop, data, schedule and formats are the core's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ftkit.backend import Batch
+from ftkit.errors import FtkitError
+from ftkit.recipe import Recipe
+from ftkit_torch.methods import attach_method, count_parameters
+from ftkit_torch.optim import build_optimizer
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_device(want: str) -> torch.device:
+    if want == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if want == "cuda" and not torch.cuda.is_available():
+        raise FtkitError("torch.device = 'cuda', but torch sees no CUDA GPU (torch.cuda.is_available() is False).")
+    return torch.device(want)
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self) -> None:
+        self.model = None
+        self.optimizer = None
+
+    # ------------------------------------------------------------------ loading
+    def load(self, recipe: Recipe, model_path: Path, *, adapter: Path | None, train: bool) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.recipe = recipe
+        cfg = recipe.torch
+        self.device = pick_device(cfg.device)
+        cuda = self.device.type == "cuda"
+        bf16_ok = cuda and torch.cuda.is_bf16_supported()
+        precision = cfg.precision if cfg.precision != "auto" else ("bf16" if bf16_ok else "fp32")
+        if precision != "fp32" and not cuda:
+            raise FtkitError(f"torch.precision = '{precision}' needs a CUDA GPU; on {self.device.type} use 'fp32' or 'auto'.")
+        self.precision = precision
+        self.autocast_dtype = _PRECISIONS.get(precision)
+        if recipe.model.dtype != "auto":
+            dtype = _DTYPES[recipe.model.dtype]
+        else:
+            # Frozen base weights can live in the compute dtype; trained weights stay fp32 (master copy).
+            dtype = self.autocast_dtype if (self.autocast_dtype and recipe.method.kind != "full") else torch.float32
+        kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": recipe.model.trust_remote_code}
+        if cfg.attn_implementation != "auto":
+            kwargs["attn_implementation"] = cfg.attn_implementation
+        torch.manual_seed(recipe.train.seed)
+        model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+        model.config.use_cache = False
+        model = attach_method(model, recipe.method, adapter=adapter, train=train)
+        if train and cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()
+        self.model = model.to(self.device)
+        if cfg.compile:
+            self.model = torch.compile(self.model)
+        self.model.train(train)
+        if train:
+            self.optimizer = build_optimizer(self.model, recipe.train, self.device)
+
+    def describe(self) -> dict[str, Any]:
+        trainable, total = count_parameters(self.model)
+        return {
+            "device": str(self.device) + (f" ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda" else ""),
+            "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+            "precision": self.precision,
+            "trainable_params": trainable,
+            "total_params": total,
+            "gradient_checkpointing": self.recipe.torch.gradient_checkpointing,
+            "torch": torch.__version__,
+        }
+
+    # ------------------------------------------------------------------ math
+    def _tensors(self, batch: Batch):
+        as_t = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(self.device, dt, non_blocking=True)  # noqa: E731
+        return (as_t(batch.inputs, torch.long), as_t(batch.targets, torch.long),
+                as_t(batch.mask, torch.float32), as_t(batch.attention_mask, torch.long))
+
+    def _loss_sum(self, batch: Batch) -> torch.Tensor:
+        inputs, targets, mask, attn = self._tensors(batch)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            logits = self.model(input_ids=inputs, attention_mask=attn).logits
+        losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+        return (losses * mask.flatten()).sum()
+
+    def forward_backward(self, batch: Batch, scale: float) -> float:
+        loss = self._loss_sum(batch)
+        (loss * scale).backward()
+        return loss.item()
+
+    def optimizer_step(self, lr: float) -> dict[str, float]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        max_norm = self.recipe.train.max_grad_norm
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": float(norm)}
+
+    @torch.no_grad()
+    def eval_loss(self, batch: Batch) -> float:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self._loss_sum(batch).item()
+        finally:
+            self.model.train(was_training)
+
+    @torch.no_grad()
+    def next_logits(self, new_ids: list[int], state: Any | None) -> tuple[np.ndarray, Any]:
+        self.model.eval()
+        ids = torch.tensor([new_ids], device=self.device)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            out = self.model(input_ids=ids, past_key_values=state, use_cache=True)
+        return out.logits[0, -1].float().cpu().numpy(), out.past_key_values
+
+    # ------------------------------------------------------------------ saving
+    def save_adapter(self, dest: Path) -> None:
+        model = getattr(self.model, "_orig_mod", self.model)
+        model.save_pretrained(dest, safe_serialization=True)
+
+    def save_state(self, dest: Path) -> None:
+        state = {"optimizer": self.optimizer.state_dict(), "cpu_rng": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        torch.save(state, dest / "torch_state.pt")
+
+    def load_state(self, src: Path) -> None:
+        state = torch.load(src / "torch_state.pt", map_location=self.device, weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["cpu_rng"].cpu())
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])

@@ -1,0 +1,110 @@
+"""The common adapter format: PEFT's files plus `ftkit.json`, and the fingerprints that guard it.
+
+A folder holds `adapter_config.json` + `adapter_model.safetensors` (PEFT loads it as it is) and
+`ftkit.json` with what PEFT does not carry. For full fine-tuning the folder is a plain Hugging Face
+model folder instead, with the same `ftkit.json` beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+from ftkit import __version__
+from ftkit.checkpoint import write_json_atomic
+from ftkit.errors import AdapterMismatchError
+
+FTKIT_JSON = "ftkit.json"
+_SAMPLES, _SAMPLE_BYTES = 8, 4096
+
+
+def _safetensors_digest(path: Path, h: "hashlib._Hash") -> None:
+    """Hash the header (names, shapes, dtypes) and a few evenly spaced samples of the data.
+
+    Reading the whole file would cost seconds on a 7B model; the samples catch different weights of
+    the same architecture, which is the mistake this guards against.
+    """
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        h.update(json.dumps(sorted((k, v["dtype"], v["shape"]) for k, v in header.items())).encode())
+        start, size = 8 + n, path.stat().st_size - 8 - n
+        for i in range(_SAMPLES):
+            f.seek(start + (size * i) // _SAMPLES)
+            h.update(f.read(_SAMPLE_BYTES))
+
+
+def fingerprint_model(folder: Path) -> str:
+    """A content fingerprint of a model folder's weights, the same whichever backend reads them."""
+    h = hashlib.sha256()
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        files = sorted(folder.glob("*.bin")) + sorted(folder.glob("*.npz"))
+        for path in files:
+            h.update(path.name.encode())
+            with open(path, "rb") as f:
+                size = path.stat().st_size
+                for i in range(_SAMPLES):
+                    f.seek((size * i) // _SAMPLES)
+                    h.update(f.read(_SAMPLE_BYTES))
+    for path in files:
+        if path.suffix == ".safetensors":
+            _safetensors_digest(path, h)
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def fingerprint_tokenizer(tokenizer: Any) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    specials = sorted(str(t) for t in getattr(tokenizer, "all_special_tokens", []))
+    h = hashlib.sha256(json.dumps([vocab, specials]).encode())
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def write_meta(folder: Path, meta: dict[str, Any]) -> None:
+    write_json_atomic(folder / FTKIT_JSON, {"ftkit_version": __version__, **meta})
+
+
+def read_meta(folder: Path) -> dict[str, Any] | None:
+    path = Path(folder) / FTKIT_JSON
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def read_peft_config(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / "adapter_config.json"
+    if not path.exists():
+        raise AdapterMismatchError(f"{folder}: no adapter_config.json; this is not an adapter folder.")
+    return json.loads(path.read_text())
+
+
+def check_compatible(adapter: Path, model_fingerprint: str, tokenizer_fingerprint: str | None = None) -> None:
+    """Refuse an adapter trained on another base, before any tensor is loaded."""
+    meta = read_meta(adapter)
+    if not meta:
+        return  # a PEFT adapter from another tool: nothing recorded to check against
+    want = meta.get("base_model", {}).get("fingerprint")
+    if want and want != model_fingerprint:
+        raise AdapterMismatchError(
+            f"{adapter} was trained on base model {meta['base_model'].get('path')} (fingerprint {want}), "
+            f"but the model loaded now has fingerprint {model_fingerprint}. Load it onto the base it was "
+            "trained on (model.path / --model)."
+        )
+    want_tok = meta.get("tokenizer", {}).get("fingerprint")
+    if want_tok and tokenizer_fingerprint and want_tok != tokenizer_fingerprint:
+        raise AdapterMismatchError(
+            f"{adapter} was trained with a different tokenizer ({want_tok}) than the one loaded ({tokenizer_fingerprint})."
+        )
+
+
+def check_method(adapter: Path, kind: str, rank: int | None = None) -> None:
+    """Continuing training from an adapter must keep its method and rank, or say which differs."""
+    cfg = read_peft_config(adapter)
+    peft_kind = {"LORA": "dora" if cfg.get("use_dora") else "lora", "PROMPT_TUNING": "prompt", "PREFIX_TUNING": "prefix"}
+    found = peft_kind.get(cfg.get("peft_type", ""), cfg.get("peft_type"))
+    if found != kind:
+        raise AdapterMismatchError(f"{adapter} is a {found} adapter, but the recipe's method.kind is {kind!r}.")
+    if rank is not None and kind in ("lora", "dora") and cfg.get("r") != rank:
+        raise AdapterMismatchError(f"{adapter} has rank {cfg.get('r')}, but the recipe's method.rank is {rank}.")

@@ -1,0 +1,331 @@
+"""The `ftkit` command line. Heavy imports happen inside the commands, so `ftkit --help` is instant."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from ftkit import __version__
+from ftkit.errors import FtkitError
+
+app = typer.Typer(
+    name="ftkit",
+    help="Fine-tune language models (LoRA, DoRA, full) from one TOML recipe, on PyTorch or MLX.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Inspect a recipe's data.", no_args_is_help=True)
+recipe_app = typer.Typer(help="Check recipes and list every key with its default.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(recipe_app, name="recipe")
+
+BackendOpt = Annotated[str, typer.Option("--backend", "-b", help="auto | torch | mlx. auto: MLX on Apple silicon, torch elsewhere.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (progress goes to stderr).")]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="Override a recipe key, validated like the file: --set train.iters=20 (repeatable)."),
+]
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(_jsonable(obj)) + "\n")
+    sys.stdout.flush()
+
+
+def _fail(err: Exception, as_json: bool) -> None:
+    from ftkit.progress import console
+
+    if as_json:
+        _emit({"error": str(err)})
+    else:
+        console().print(f"[red]error:[/] {err}", markup=True, highlight=False)
+    raise typer.Exit(2)
+
+
+def _recipes(paths: list[Path], sets: list[str] | None, check_paths: bool = True):
+    from ftkit.recipe import load_recipes
+
+    return load_recipes(paths, sets or [], check_paths=check_paths)
+
+
+@app.callback(invoke_without_command=True)
+def _root(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False) -> None:
+    if version:
+        typer.echo(f"ftkit {__version__}")
+        raise typer.Exit()
+
+
+@app.command()
+def train(
+    recipes: Annotated[list[Path], typer.Argument(help="Recipe file(s). Several run as stages, each from the adapter the one before produced.")],
+    backend: BackendOpt = "auto",
+    resume: Annotated[Optional[str], typer.Option(help="'auto': continue from the newest complete checkpoint in the run folder (a no-op for a fresh folder); or a checkpoint/run folder.")] = None,
+    set_: SetOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate, read the data, print the schedule's step counts; load no model.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train: LoRA, DoRA or full fine-tuning, as the recipe says."""
+    try:
+        stages = _recipes(recipes, set_)
+        if dry_run:
+            from ftkit.loop import prepare, stage_dirs
+
+            plans = []
+            for recipe, run_dir in zip(stages, stage_dirs(stages)):
+                prep = prepare(recipe, run_dir)
+                plans.append({"stage": recipe.name, "run_dir": str(run_dir), "format": prep.splits.format,
+                              "train_on": prep.splits.train_on, "examples": {k: len(getattr(prep.splits, k)) for k in ("train", "valid", "test")},
+                              **prep.schedule.as_dict()})
+            if as_json:
+                _emit({"dry_run": True, "stages": plans})
+            else:
+                _print_plans(plans)
+            return
+        from ftkit.loop import run_stages
+
+        results = run_stages(stages, backend, resume=resume, quiet=as_json)
+    except FtkitError as e:
+        _fail(e, as_json)
+    last = results[-1]
+    if as_json:
+        _emit({"adapter": str(last.adapter), "run_dir": str(last.run_dir), "backend": last.backend,
+               "first_valid_loss": results[0].first_valid_loss, "last_valid_loss": last.last_valid_loss,
+               "last_train_loss": last.last_train_loss, "steps": last.steps, "stages": [r.as_dict() for r in results]})
+        return
+    from ftkit.progress import console
+
+    for r in results:
+        first = f"{r.first_valid_loss:.4f}" if r.first_valid_loss is not None else "-"
+        lastv = f"{r.last_valid_loss:.4f}" if r.last_valid_loss is not None else "-"
+        console().print(f"[green]done[/] {r.name}: {r.steps} steps in {r.seconds:.0f} s, validation loss {first} -> {lastv}; adapter: {r.adapter}")
+
+
+def _print_plans(plans: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    from ftkit.progress import console
+
+    for p in plans:
+        t = Table(title=f"{p['stage']}  ->  {p['run_dir']}", show_header=False)
+        for k, v in p.items():
+            if k not in ("stage", "run_dir"):
+                t.add_row(k, str(v if v is not None else "all"))
+        console().print(t)
+
+
+@app.command("eval")
+def eval_(
+    recipe: Annotated[Path, typer.Argument(help="The recipe whose data (test split by default) to evaluate on.")],
+    adapter: Annotated[Optional[Path], typer.Option(help="Adapter folder (or a full fine-tune's model folder). Without it: the base model.")] = None,
+    split: Annotated[str, typer.Option(help="test | valid | train")] = "test",
+    backend: BackendOpt = "auto",
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Loss and perplexity on a split of the recipe's data."""
+    from ftkit.evaluation import evaluate_split
+
+    try:
+        if split not in ("test", "valid", "train"):
+            raise FtkitError(f"--split {split}: choose test, valid or train.")
+        (r,) = _recipes([recipe], set_)
+        out = evaluate_split(r, backend, adapter, split)
+    except FtkitError as e:
+        _fail(e, as_json)
+    if as_json:
+        _emit(out)
+    else:
+        from ftkit.progress import console
+
+        console().print(f"{split}: loss {out['loss']:.4f}, perplexity {out['perplexity']:.3f} "
+                        f"({out['examples']} examples, {out['target_tokens']} target tokens, {out['backend']})")
+
+
+@app.command()
+def generate(
+    model: Annotated[str, typer.Option(help="Base model: local folder, .gguf file, or hub id.")],
+    prompt: Annotated[str, typer.Option(help="The prompt.")],
+    adapter: Annotated[Optional[Path], typer.Option(help="Adapter folder (or a full fine-tune's model folder).")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 128,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Sample among the k likeliest (0 = off).")] = 0,
+    seed: Annotated[int, typer.Option(help="Sampling seed: same seed, same output.")] = 0,
+    chat: Annotated[bool, typer.Option(help="Wrap the prompt as a user turn with the tokenizer's chat template.")] = False,
+    backend: BackendOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Generate from a base model, optionally with an adapter."""
+    from ftkit.convert import resolve_model
+    from ftkit.evaluation import load_for_inference
+    from ftkit.generate import Sampling
+    from ftkit.generate import generate as run_generate
+    from ftkit.loop import load_tokenizer
+    from ftkit.recipe import build_recipe
+
+    try:
+        model_path = resolve_model(model)
+        tok = load_tokenizer(model_path)
+        recipe = build_recipe({"model": {"path": str(model_path)}, "data": {"path": "-"}}, "--model", check_paths=False)
+        be = load_for_inference(recipe, backend, adapter, model_path, tok)
+        if chat:
+            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+            ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        else:
+            ids = tok(prompt).input_ids
+        stops = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+        out_ids: list[int] = []
+        shown = ""
+        sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        for token in run_generate(be, ids, max_tokens, sampling, stops):
+            out_ids.append(token)
+            if not as_json:  # stream: decode the whole tail so multi-token characters print whole
+                now = tok.decode(out_ids, skip_special_tokens=True)
+                if not now.endswith("\ufffd"):
+                    sys.stdout.write(now[len(shown):])
+                    sys.stdout.flush()
+                    shown = now
+        text = tok.decode(out_ids, skip_special_tokens=True)
+    except FtkitError as e:
+        _fail(e, as_json)
+    if as_json:
+        _emit({"text": text, "tokens": len(out_ids), "prompt_tokens": len(ids), "backend": be.name})
+    else:
+        sys.stdout.write(text[len(shown):] + "\n")
+
+
+@app.command()
+def info(as_json: JsonOpt = False) -> None:
+    """The detected hardware, the installed backends, and which one `auto` picks and why."""
+    from ftkit.hardware import detect, render
+    from ftkit.progress import console
+
+    data = detect()
+    if as_json:
+        _emit(data)
+    else:
+        console().print(render(data))
+
+
+@app.command()
+def convert(
+    src: Annotated[Path, typer.Argument(help="A .gguf file (llama.cpp, Ollama) or a llama2.c .bin checkpoint.")],
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: ftkit's cache, ~/.cache/ftkit/converted/...).")] = None,
+    dtype: Annotated[str, typer.Option(help="bfloat16 | float16 | float32")] = "bfloat16",
+    force: Annotated[bool, typer.Option(help="Convert again even when a finished conversion is cached.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Turn a GGUF (or llama2.c) model into a Hugging Face folder both backends load; cached."""
+    from ftkit.convert import convert as do_convert
+
+    try:
+        folder = do_convert(src, out, dtype=dtype, force=force)
+    except FtkitError as e:
+        _fail(e, as_json)
+    if as_json:
+        _emit({"model": str(folder)})
+    else:
+        from ftkit.progress import console
+
+        console().print(f"converted: {folder}")
+
+
+@data_app.command("summary")
+def data_summary(
+    recipe: Annotated[Path, typer.Argument(help="Recipe file.")],
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Examples per split, token-length percentiles, and how many would be truncated."""
+    from ftkit.data import load_splits, summarize
+    from ftkit.loop import load_tokenizer
+
+    try:
+        (r,) = _recipes([recipe], set_)
+        from ftkit.convert import resolve_model
+
+        tok = load_tokenizer(resolve_model(r.model.path, r.model.revision), r.model.trust_remote_code)
+        splits = load_splits(r.data, tok)
+        summary = summarize(splits, r.data.max_seq_length)
+    except FtkitError as e:
+        _fail(e, as_json)
+    out = {"format": splits.format, "train_on": splits.train_on, "max_seq_length": r.data.max_seq_length, "splits": summary}
+    if as_json:
+        _emit(out)
+        return
+    from rich.table import Table
+
+    from ftkit.progress import console
+
+    t = Table(title=f"{r.data.path}  ({splits.format}, loss on {splits.train_on}, max_seq_length {r.data.max_seq_length})")
+    cols = sorted({k for v in summary.values() if isinstance(v, dict) for k in v})
+    t.add_column("split")
+    for c in cols:
+        t.add_column(c, justify="right")
+    for name, row in summary.items():
+        if isinstance(row, dict):
+            t.add_row(name, *[str(row.get(c, "")) for c in cols])
+    console().print(t)
+
+
+@recipe_app.command("defaults")
+def recipe_defaults(as_json: JsonOpt = False) -> None:
+    """Every recipe key with its default and meaning."""
+    from ftkit.recipe import defaults_table
+
+    rows = defaults_table()
+    if as_json:
+        _emit({key: {"default": d, "help": h} for key, d, h in rows})
+        return
+    from rich.table import Table
+
+    from ftkit.progress import console
+
+    t = Table("key", "default", "meaning")
+    for row in rows:
+        t.add_row(*row)
+    console().print(t)
+
+
+@recipe_app.command("check")
+def recipe_check(
+    recipes: Annotated[list[Path], typer.Argument(help="Recipe file(s).")],
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Validate recipe files (keys, types, paths, combinations) and print the resolved recipe."""
+    try:
+        stages = _recipes(recipes, set_)
+    except FtkitError as e:
+        _fail(e, as_json)
+    if as_json:
+        _emit({"ok": True, "stages": [r.to_toml_dict() for r in stages]})
+    else:
+        for r in stages:
+            sys.stdout.write(f"# {r.name}\n{r.to_toml()}\n")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

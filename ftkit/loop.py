@@ -1,0 +1,333 @@
+"""The one training loop, shared by every backend.
+
+The loop decides what data each step sees, how micro-batches are weighted, the learning rate, when to
+report, validate and checkpoint, and how a run resumes. A backend only does the tensor math.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ftkit import adapter as adapter_format
+from ftkit import checkpoint as ckpt
+from ftkit.backend import Backend, Batch, get_backend
+from ftkit.data import Example, Splits, load_splits, make_batch
+from ftkit.errors import FtkitError
+from ftkit.metrics import MetricsLog, plot_losses
+from ftkit.progress import TrainProgress, console, status
+from ftkit.recipe import Recipe
+from ftkit.schedule import Schedule, lr_at, make_schedule
+
+
+def load_tokenizer(model_path: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        # Padding positions are masked out of the loss and attention, so any id will do.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+@dataclass
+class Prepared:
+    """Everything decided before a model is loaded; `--dry-run` stops here."""
+
+    recipe: Recipe
+    model_path: Path
+    tokenizer: Any
+    splits: Splits
+    schedule: Schedule
+    run_dir: Path
+
+
+def prepare(recipe: Recipe, run_dir: Path | None = None) -> Prepared:
+    from ftkit.convert import resolve_model
+
+    with status(f"resolving model {recipe.model.path}"):
+        model_path = resolve_model(recipe.model.path, recipe.model.revision)
+        tokenizer = load_tokenizer(model_path, recipe.model.trust_remote_code)
+    with status(f"reading data {recipe.data.path}"):
+        splits = load_splits(recipe.data, tokenizer)
+    if not splits.train:
+        raise FtkitError(f"{recipe.data.path}: the training split is empty.")
+    schedule = make_schedule(recipe.train, len(splits.train), len(splits.valid))
+    return Prepared(recipe, model_path, tokenizer, splits, schedule, Path(run_dir or recipe.output.dir))
+
+
+def micro_batch_indices(n: int, seed: int, position: int, size: int) -> list[int]:
+    """Example indices [position, position + size) of the stream of seeded per-epoch permutations.
+
+    The order is a pure function of (seed, position), so a resumed run needs only its position.
+    """
+    out, perms = [], {}
+    for p in range(position, position + size):
+        epoch = p // n
+        if epoch not in perms:
+            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
+        out.append(int(perms[epoch][p % n]))
+    return out
+
+
+def evaluate(backend: Backend, examples: list[Example], batch_size: int, pad_id: int, max_batches: int | None = None) -> float:
+    """Token-weighted mean loss over the examples (every target token counts once)."""
+    total, n = 0.0, 0
+    for b, start in enumerate(range(0, len(examples), batch_size)):
+        if max_batches is not None and b >= max_batches:
+            break
+        batch = make_batch(examples[start : start + batch_size], pad_id)
+        total += backend.eval_loss(batch)
+        n += batch.n_targets
+    return total / n if n else float("nan")
+
+
+@dataclass
+class StageResult:
+    name: str
+    backend: str
+    run_dir: Path
+    adapter: Path
+    steps: int
+    first_valid_loss: float | None = None
+    last_valid_loss: float | None = None
+    last_train_loss: float | None = None
+    trained_tokens: int = 0
+    seconds: float = 0.0
+    resumed_from: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["run_dir"], d["adapter"] = str(self.run_dir), str(self.adapter)
+        return d
+
+
+class Trainer:
+    def __init__(self, prep: Prepared, backend_name: str, *, start_adapter: Path | None = None, quiet: bool = False):
+        self.prep, self.recipe, self.schedule = prep, prep.recipe, prep.schedule
+        self.run_dir = prep.run_dir
+        self.backend_name = backend_name
+        if start_adapter is None and self.recipe.method.resume_from:
+            start_adapter = Path(self.recipe.method.resume_from)
+        self.start_adapter = start_adapter
+        self.quiet = quiet
+        self.pad_id = prep.tokenizer.pad_token_id
+        self.log = MetricsLog(self.run_dir)
+
+    # ------------------------------------------------------------------ helpers
+    def _say(self, msg: str) -> None:
+        if not self.quiet:
+            console().print(msg)
+
+    def _meta(self, state: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "backend": self.backend.name,
+            "method": self.recipe.method.kind,
+            "recipe": self.recipe.to_toml_dict(),
+            "base_model": {"path": self.recipe.model.path, "fingerprint": self.model_fp},
+            "tokenizer": {"fingerprint": adapter_format.fingerprint_tokenizer(self.prep.tokenizer)},
+            "step": state["step"],
+            "total_steps": self.schedule.total_steps,
+            "trained_tokens": state["trained_tokens"],
+            "examples_seen": state["position"],
+            "losses": {"train": state.get("last_train_loss"), "valid": state.get("last_valid_loss")},
+        }
+
+    def _save_adapter_folder(self, dest: Path, state: dict[str, Any]) -> None:
+        with ckpt.atomic_dir(dest) as tmp:
+            self.backend.save_adapter(tmp)
+            if self.recipe.method.kind == "full":
+                self.prep.tokenizer.save_pretrained(tmp)
+            adapter_format.write_meta(tmp, self._meta(state))
+
+    def _save_checkpoint(self, state: dict[str, Any]) -> Path:
+        dest = ckpt.checkpoint_dir(self.run_dir, state["step"])
+        with ckpt.atomic_dir(dest) as tmp:
+            self._save_adapter_folder(tmp / "adapter", state)
+            (tmp / "state").mkdir()
+            self.backend.save_state(tmp / "state")
+            ckpt.write_json_atomic(tmp / ckpt.STATE_FILE, state)  # last: marks the folder complete
+        ckpt.prune(self.run_dir, self.recipe.train.keep_checkpoints)
+        return dest
+
+    # ------------------------------------------------------------------ the run
+    def run(self, resume: str | None = None, stop_after: int | None = None) -> StageResult:
+        """Train the stage. `stop_after` ends the process's work early (tests simulate a preemption)."""
+        recipe, sched, splits = self.recipe, self.schedule, self.prep.splits
+        ckpt.clean_partial(self.run_dir)
+        resume_ckpt = self._find_resume(resume)
+        state = {"step": 0, "position": 0, "trained_tokens": 0, "elapsed": 0.0, "first_valid_loss": None}
+        if resume_ckpt is not None:
+            state = ckpt.read_state(resume_ckpt)
+            self.log.truncate_after(state["step"])
+        self.model_fp = adapter_format.fingerprint_model(self.prep.model_path)
+        load_from = resume_ckpt / "adapter" if resume_ckpt else self.start_adapter
+        if load_from is not None and recipe.method.kind != "full":
+            adapter_format.check_compatible(load_from, self.model_fp, adapter_format.fingerprint_tokenizer(self.prep.tokenizer))
+            adapter_format.check_method(load_from, recipe.method.kind, recipe.method.rank)
+
+        self.backend = get_backend(self.backend_name)
+        model_path = self.prep.model_path
+        if recipe.method.kind == "full" and load_from is not None:
+            model_path, load_from = load_from, None
+        with status(f"loading {self.prep.model_path.name} on {self.backend.name}"):
+            self.backend.load(recipe, model_path, adapter=load_from, train=True)
+        if resume_ckpt is not None:
+            self.backend.load_state(resume_ckpt / "state")
+        info = self.backend.describe()
+        self._write_recipe()
+        self._say(self._banner(info, resume_ckpt))
+
+        if state["step"] == 0 and recipe.train.eval_before and splits.valid:
+            loss = evaluate(self.backend, splits.valid, recipe.train.batch_size, self.pad_id, sched.val_batches)
+            state["first_valid_loss"] = state["last_valid_loss"] = loss
+            self.log.log({"step": 0, "kind": "valid", "loss": loss})
+            self._say(f"step 0: validation loss {loss:.4f}")
+
+        t0 = time.perf_counter() - state["elapsed"]
+        window = {"loss": 0.0, "targets": 0, "tokens": 0, "t": time.perf_counter()}
+        end = sched.total_steps if stop_after is None else min(sched.total_steps, stop_after)
+        with TrainProgress(sched.total_steps, start=state["step"], enabled=not self.quiet) as bar:
+            while state["step"] < end:
+                step = state["step"] + 1
+                batches = self._step_batches(state["position"])
+                n_targets = sum(b.n_targets for b in batches)
+                lr = lr_at(step, recipe.train, sched)
+                loss_sum = sum(self.backend.forward_backward(b, 1.0 / n_targets) for b in batches)
+                stats = self.backend.optimizer_step(lr)
+                state.update(step=step, position=state["position"] + sched.examples_per_step)
+                state["trained_tokens"] += n_targets
+                window["loss"] += loss_sum
+                window["targets"] += n_targets
+                window["tokens"] += sum(b.n_tokens for b in batches)
+                if not math.isfinite(loss_sum):
+                    raise FtkitError(f"step {step}: the loss is {loss_sum}; lower train.lr or check the data.")
+
+                if sched.is_report(step):
+                    now = time.perf_counter()
+                    train_loss = window["loss"] / window["targets"]
+                    tps = window["tokens"] / max(1e-9, now - window["t"])
+                    state["last_train_loss"] = train_loss
+                    rec = {"step": step, "kind": "train", "loss": train_loss, "lr": lr, "tokens_per_sec": tps,
+                           "trained_tokens": state["trained_tokens"], "elapsed": now - t0, **stats}
+                    self.log.log(rec)
+                    bar.update(step, loss=train_loss, lr=lr, tokens_per_sec=tps)
+                    window = {"loss": 0.0, "targets": 0, "tokens": 0, "t": now}
+                else:
+                    bar.update(step, lr=lr)
+                if splits.valid and sched.is_eval(step):
+                    loss = evaluate(self.backend, splits.valid, recipe.train.batch_size, self.pad_id, sched.val_batches)
+                    state["last_valid_loss"] = loss
+                    self.log.log({"step": step, "kind": "valid", "loss": loss, "elapsed": time.perf_counter() - t0})
+                    bar.log(f"step {step}: validation loss {loss:.4f}")
+                state["elapsed"] = time.perf_counter() - t0
+                if sched.is_save(step):
+                    self._save_checkpoint(state)
+
+        final = self.run_dir / "adapter"
+        if state["step"] >= sched.total_steps:
+            self._save_adapter_folder(final, state)
+            ckpt.write_json_atomic(self.run_dir / "final_state.json", state)
+        elif stop_after is not None:
+            self._save_checkpoint(state)
+        plot_losses(self.log.path, self.run_dir / "loss.png", title=f"{recipe.name} ({self.backend.name})")
+        self.log.close()
+        return StageResult(
+            name=recipe.name or "stage", backend=self.backend.name, run_dir=self.run_dir, adapter=final,
+            steps=state["step"], first_valid_loss=state.get("first_valid_loss"),
+            last_valid_loss=state.get("last_valid_loss"), last_train_loss=state.get("last_train_loss"),
+            trained_tokens=state["trained_tokens"], seconds=state["elapsed"],
+            resumed_from=str(resume_ckpt) if resume_ckpt else None, info=info,
+        )
+
+    def _step_batches(self, position: int) -> list[Batch]:
+        train = self.recipe.train
+        idx = micro_batch_indices(len(self.prep.splits.train), train.seed, position, self.schedule.examples_per_step)
+        ex = self.prep.splits.train
+        return [make_batch([ex[i] for i in idx[j : j + train.batch_size]], self.pad_id)
+                for j in range(0, len(idx), train.batch_size)]
+
+    def _find_resume(self, resume: str | None) -> Path | None:
+        existing = ckpt.latest_checkpoint(self.run_dir)
+        if resume is None:
+            if existing is not None or (self.run_dir / "adapter").exists():
+                raise FtkitError(
+                    f"{self.run_dir} already holds a run (checkpoints or a final adapter). Pass --resume auto to "
+                    "continue it, or set output.dir (--set output.dir=...) to start a new one; nothing was overwritten."
+                )
+            return None
+        if resume == "auto":
+            return existing
+        path = Path(resume)
+        if (path / ckpt.STATE_FILE).is_file():
+            return path
+        found = ckpt.latest_checkpoint(path)
+        if found is None:
+            raise FtkitError(f"--resume {resume}: no complete checkpoint there (a folder with {ckpt.STATE_FILE}).")
+        return found
+
+    def _write_recipe(self) -> None:
+        ckpt.write_text_atomic(self.run_dir / "recipe.toml", self.recipe.to_toml())
+
+    def _banner(self, info: dict[str, Any], resumed: Path | None) -> str:
+        s, r = self.schedule, self.recipe
+        trainable, total = info.get("trainable_params", 0), info.get("total_params", 0)
+        pct = 100 * trainable / total if total else 0
+        lines = [
+            f"[bold]{r.name}[/]: {r.method.kind} on {info.get('device')} ({self.backend.name}, {info.get('dtype')}, precision {info.get('precision')})",
+            f"trainable parameters: {trainable:,} of {total:,} ({pct:.3f}%)",
+            f"data: {len(self.prep.splits.train)} train / {len(self.prep.splits.valid)} valid / {len(self.prep.splits.test)} test examples ({self.prep.splits.format}, loss on {self.prep.splits.train_on})",
+            f"schedule: {s.total_steps} steps x {s.examples_per_step} examples, validate every {s.steps_per_eval}, report every {s.steps_per_report}, checkpoint every {s.save_every}",
+        ]
+        if resumed:
+            lines.append(f"resumed from {resumed}")
+        return "\n".join(lines)
+
+
+def stage_dirs(recipes: list[Recipe]) -> list[Path]:
+    """Each stage's run folder: output.dir, or a numbered subfolder where stages share one."""
+    dirs = [Path(r.output.dir) for r in recipes]
+    if len(set(dirs)) == len(dirs):
+        return dirs
+    return [d / f"stage-{i + 1}-{r.name}" if dirs.count(d) > 1 else d for i, (d, r) in enumerate(zip(dirs, recipes))]
+
+
+def finished_stage(run_dir: Path, recipe: Recipe, backend: str) -> StageResult | None:
+    """A stage whose final adapter is in place, read back instead of retrained on --resume."""
+    final = run_dir / "final_state.json"
+    meta = adapter_format.read_meta(run_dir / "adapter")
+    if not final.exists() or meta is None:
+        return None
+    import json
+
+    state = json.loads(final.read_text())
+    return StageResult(
+        name=recipe.name or "stage", backend=meta.get("backend", backend), run_dir=run_dir, adapter=run_dir / "adapter",
+        steps=state["step"], first_valid_loss=state.get("first_valid_loss"), last_valid_loss=state.get("last_valid_loss"),
+        last_train_loss=state.get("last_train_loss"), trained_tokens=state["trained_tokens"], seconds=state["elapsed"],
+        resumed_from="finished earlier",
+    )
+
+
+def run_stages(recipes: list[Recipe], backend: str, resume: str | None = None, quiet: bool = False) -> list[StageResult]:
+    """Train the stages in order, each from the adapter the one before produced."""
+    results: list[StageResult] = []
+    previous: Path | None = None
+    for recipe, run_dir in zip(recipes, stage_dirs(recipes)):
+        if previous is not None and recipe.method.resume_from is None:
+            if recipe.method.kind == "full":
+                recipe.model.path = str(previous)  # a full fine-tune hands on a whole model
+            else:
+                recipe.method.resume_from = str(previous)
+        done = finished_stage(run_dir, recipe, backend) if resume else None
+        if done is None:
+            done = Trainer(prepare(recipe, run_dir), backend, quiet=quiet).run(resume=resume)
+        results.append(done)
+        previous = done.adapter
+    return results
