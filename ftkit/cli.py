@@ -229,7 +229,7 @@ def info(as_json: JsonOpt = False) -> None:
 def convert(
     src: Annotated[Path, typer.Argument(help="A .gguf file (llama.cpp, Ollama) or a llama2.c .bin checkpoint.")],
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default: ftkit's cache, ~/.cache/ftkit/converted/...).")] = None,
-    dtype: Annotated[str, typer.Option(help="bfloat16 | float16 | float32")] = "bfloat16",
+    dtype: Annotated[str, typer.Option(help="auto | bfloat16 | float16 | float32. auto: bfloat16 for GGUF, float32 for llama2.c.")] = "auto",
     force: Annotated[bool, typer.Option(help="Convert again even when a finished conversion is cached.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -237,7 +237,9 @@ def convert(
     from ftkit.convert import convert as do_convert
 
     try:
-        folder = do_convert(src, out, dtype=dtype, force=force)
+        from ftkit.progress import console
+
+        folder = do_convert(src, out, dtype=dtype, force=force, progress=None if as_json else console().print)
     except FtkitError as e:
         _fail(e, as_json)
     if as_json:

@@ -57,7 +57,7 @@ class DataSection(Section):
     train_on: Literal["auto", "completion", "all"] = Field(
         "auto",
         description="Loss on all tokens, or on the completion / assistant turns only. "
-        "auto = completion for completion and chat data, all for text.",
+        "auto = completion for completion and chat data, and for text data with a response_template; all for other text.",
     )
     response_template: str | None = Field(
         None, description='text data: loss only on what follows this marker (e.g. "\\nA:"), as TRL\'s completion-only collator.'

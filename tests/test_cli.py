@@ -36,6 +36,7 @@ def recipe(tmp_path, tiny_model_dir, wikisql_dir) -> Path:
     p.write_text(
         f'[model]\npath = "{tiny_model_dir}"\n[method]\nrank = 4\n[data]\npath = "{data}"\nmax_seq_length = 256\n'
         f'[train]\niters = 4\nbatch_size = 4\nlr = 3e-3\nsteps_per_eval = 2\n[output]\ndir = "{tmp_path / "run"}"\n'
+        '[torch]\nprecision = "fp32"\n'
     )
     return p
 
@@ -111,7 +112,7 @@ def test_core_imports_and_helps_without_torch_or_mlx(tmp_path):
         "            raise ImportError('blocked: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
     code = (
         "import ftkit, ftkit.cli, ftkit.recipe, ftkit.data, ftkit.loop, ftkit.schedule, ftkit.adapter, ftkit.backend, sys\n"
         "assert not any(m.split('.')[0] in ('torch', 'mlx') for m in sys.modules), [m for m in sys.modules if 'torch' in m]\n"

@@ -26,6 +26,7 @@ def recipe_file(tmp_path: Path, model: Path, data: Path, name: str = "r", **sect
         "train": {"iters": 6, "batch_size": 4, "lr": 3e-3, "steps_per_eval": 3, "steps_per_report": 1,
                   "save_every": 2, "val_batches": 2, "seed": 0},
         "output": {"dir": str(tmp_path / f"run-{name}")},
+        "torch": {"precision": "fp32"},  # exact comparisons; on a GPU too
     }
     for section, values in sections.items():
         body.setdefault(section, {}).update(values)

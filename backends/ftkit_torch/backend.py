@@ -5,6 +5,7 @@ Only tensor math lives here; the loop, data, schedule and formats are the core's
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,13 @@ class TorchBackend:
 
     # ------------------------------------------------------------------ loading
     def load(self, recipe: Recipe, model_path: Path, *, adapter: Path | None, train: bool) -> None:
+        import transformers
         from transformers import AutoModelForCausalLM
+
+        # ftkit draws its own progress; transformers' per-load bars and notices would bury it.
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
         self.recipe = recipe
         cfg = recipe.torch
