@@ -222,7 +222,9 @@ class Trainer:
                 else:
                     bar.update(step, lr=lr)
                 if splits.valid and sched.is_eval(step):
+                    t_eval = time.perf_counter()
                     loss = evaluate(self.backend, splits.valid, recipe.train.batch_size, self.pad_id, sched.val_batches)
+                    window["t"] += time.perf_counter() - t_eval  # tokens/s counts training time only
                     state["last_valid_loss"] = loss
                     self.log.log({"step": step, "kind": "valid", "loss": loss, "elapsed": time.perf_counter() - t0})
                     bar.log(f"step {step}: validation loss {loss:.4f}")

@@ -8,6 +8,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 WIKISQL = REPO / "data" / "wikisql"
 SHARED = REPO.parent / "shared"
+# A real pretrained 260K-parameter Llama (llama2.c format, MIT), copied with its PROVENANCE.md.
+STORIES = REPO / "tests" / "assets" / "stories260K"
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"

@@ -39,11 +39,11 @@ def wikisql_dir() -> Path:
 def stories_model_dir(tmp_path_factory) -> Path:
     """stories260K (a real pretrained 260K-parameter Llama, llama2.c format) as a Hugging Face folder."""
     pytest.importorskip("torch")
-    from builders import SHARED
+    from builders import STORIES
 
     from ftkit.convert import convert
 
-    src = SHARED / "models" / "stories260K" / "stories260K.bin"
+    src = STORIES / "stories260K.bin"
     if not src.exists():
         pytest.skip(f"{src} is not here")
     return convert(src, tmp_path_factory.mktemp("stories260K") / "model")

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from builders import SHARED
+from builders import STORIES
 from ftkit import convert as conv
 from ftkit.errors import FtkitError
 
 torch = pytest.importorskip("torch")
 
-STORIES = SHARED / "models" / "stories260K"
 STORY = (
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
     "One day, she saw a big, red ball."
