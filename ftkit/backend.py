@@ -96,7 +96,7 @@ def _importable(name: str) -> bool:
 
 def installed(name: str) -> bool:
     module, _, dep, _ = BACKENDS[name]
-    return _importable(dep) and _importable(module.split(".")[0])
+    return _importable(dep) and _importable(module)
 
 
 def pick_auto() -> tuple[str, str]:
@@ -123,4 +123,6 @@ def get_backend(name: str) -> Backend:
     module, cls, dep, hint = BACKENDS[name]
     if not _importable(dep):
         raise BackendUnavailable(f"The {name} backend needs the '{dep}' package, which is not installed: {hint}")
+    if not _importable(module):
+        raise BackendUnavailable(f"The {name} backend is not part of this ftkit installation ({module} is missing).")
     return getattr(importlib.import_module(module), cls)()

@@ -51,12 +51,14 @@ def _emit(obj: dict[str, Any]) -> None:
 
 
 def _fail(err: Exception, as_json: bool) -> None:
+    from rich.markup import escape
+
     from ftkit.progress import console
 
     if as_json:
         _emit({"error": str(err)})
     else:
-        console().print(f"[red]error:[/] {err}", markup=True, highlight=False)
+        console().print(f"[red]error:[/] {escape(str(err))}", highlight=False)
     raise typer.Exit(2)
 
 

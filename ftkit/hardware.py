@@ -149,6 +149,7 @@ def render(info: dict[str, Any]):
     """Tables for `ftkit info`."""
     from rich.console import Group
     from rich.table import Table
+    from rich.markup import escape
 
     system = Table(title="Machine", show_header=False, title_justify="left")
     system.add_column(style="bold")
@@ -173,7 +174,7 @@ def render(info: dict[str, Any]):
     backends.add_column("backend", style="bold")
     backends.add_column("status")
     for name, b in info["backends"].items():
-        backends.add_row(name, f"{b['package']} {b['version']}" if b["installed"] else f"[dim]not installed: {b['install']}[/]")
+        backends.add_row(name, f"{b['package']} {b['version']}" if b["installed"] else f"[dim]not installed: {escape(b['install'])}[/]")
 
     packages = Table(title="Packages", title_justify="left")
     packages.add_column("package", style="bold")

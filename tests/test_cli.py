@@ -124,3 +124,12 @@ def test_core_imports_and_helps_without_torch_or_mlx(tmp_path):
     assert "pip install" in out.stdout and "mlx" in out.stdout
     helped = subprocess.run([sys.executable, "-m", "ftkit.cli", "--help"], env=env, capture_output=True, text=True)
     assert helped.returncode == 0 and "train" in helped.stdout
+
+
+def test_human_errors_keep_brackets(tmp_path, wikisql_dir):
+    """Recipe errors name sections like [trian]; rich markup must not swallow them."""
+    p = tmp_path / "bad.toml"
+    p.write_text(f'[model]\npath = "{tmp_path}"\n[data]\npath = "{wikisql_dir}"\n[trian]\nx = 1\n')
+    result = runner.invoke(app, ["train", str(p)])
+    assert result.exit_code == 2
+    assert "unknown section [trian]" in result.output and "Did you mean 'train'" in result.output
