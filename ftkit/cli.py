@@ -280,7 +280,9 @@ def data_summary(
     from ftkit.progress import console
 
     t = Table(title=f"{r.data.path}  ({splits.format}, loss on {splits.train_on}, max_seq_length {r.data.max_seq_length})")
-    cols = sorted({k for v in summary.values() if isinstance(v, dict) for k in v})
+    order = ["count", "truncated", "dropped", "p50", "p90", "p99", "max", "tokens", "target_tokens"]
+    present = {k for v in summary.values() if isinstance(v, dict) for k in v}
+    cols = [c for c in order if c in present] + sorted(present - set(order))
     t.add_column("split")
     for c in cols:
         t.add_column(c, justify="right")

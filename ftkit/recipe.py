@@ -186,7 +186,9 @@ def _suggest(word: str, options: list[str]) -> str:
 
 
 def _parse_value(raw: str) -> Any:
-    """A --set value is read as a TOML value when it parses, else as a bare string."""
+    """A --set value is read as a TOML value when it parses, else as a bare string; none/null unsets a key."""
+    if raw.lower() in ("none", "null"):
+        return None
     try:
         return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
@@ -255,15 +257,18 @@ def _line_of(text: str, section: str, key: str) -> int | None:
     return None
 
 
-def _format_validation(err: ValidationError, where: str, text: str | None) -> list[str]:
+def _format_validation(err: ValidationError, where: str, text: str | None, overridden: set[tuple[str, str]]) -> list[str]:
     out = []
     for e in err.errors():
         loc = [str(p) for p in e["loc"]]
         if e["type"] == "extra_forbidden":
             continue  # reported by _unknown_keys with a suggestion
         key = ".".join(loc)
-        line = _line_of(text, loc[0], loc[1]) if text and len(loc) >= 2 else None
-        place = f"{where}:{line}" if line else where
+        if len(loc) >= 2 and (loc[0], loc[1]) in overridden:
+            place = f"--set {loc[0]}.{loc[1]}"
+        else:
+            line = _line_of(text, loc[0], loc[1]) if text and len(loc) >= 2 else None
+            place = f"{where}:{line}" if line else where
         msg = e["msg"]
         if e["type"] == "missing":
             msg = "required key is missing"
@@ -308,13 +313,16 @@ def _read_toml(path: Path) -> tuple[dict[str, Any], str]:
         raise RecipeError([f"{path}: not valid TOML: {e}"]) from None
 
 
-def build_recipe(data: dict[str, Any], where: str, text: str | None = None, check_paths: bool = True) -> Recipe:
+def build_recipe(
+    data: dict[str, Any], where: str, text: str | None = None, check_paths: bool = True,
+    overridden: set[tuple[str, str]] = frozenset(),
+) -> Recipe:
     errors = _unknown_keys(data, where)
     recipe = None
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        errors += _format_validation(e, where, text)
+        errors += _format_validation(e, where, text, set(overridden))
     if recipe is not None and check_paths:
         errors += _check_combinations(recipe, where)
     if errors:
@@ -335,7 +343,8 @@ def load_recipes(paths: list[Path], overrides: list[str] | None = None, check_pa
             _resolve_paths(data, path.parent.resolve())
             _merge(data, json.loads(json.dumps(extra)))
             data.setdefault("name", path.stem)
-            recipe = build_recipe(data, str(path), text, check_paths)
+            overridden = {(sec, key) for sec, values in extra.items() for key in values}
+            recipe = build_recipe(data, str(path), text, check_paths, overridden)
             if recipe.output.dir is None:
                 recipe.output.dir = str(Path.cwd() / "runs" / recipe.name)
             recipes.append(recipe)

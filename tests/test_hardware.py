@@ -10,7 +10,6 @@ from ftkit import hardware
 from ftkit.errors import BackendUnavailable
 
 torch_installed = pytest.mark.skipif(not hardware._version("torch"), reason="torch is not installed")
-mlx_installed = pytest.mark.skipif(not hardware._version("mlx"), reason="mlx is not installed")
 
 
 @pytest.fixture(scope="module")

@@ -127,3 +127,11 @@ def test_every_key_has_a_documented_default():
     keys = {k for k, _, _ in rows}
     assert {"model.path", "method.rank", "train.evals_per_epoch", "torch.precision"} <= keys
     assert all(help_ for _, _, help_ in rows)
+
+
+def test_set_can_unset_a_key_and_its_errors_name_the_flag(good):
+    (r,) = load_recipes([good], ["train.iters=none", "train.epochs=3"])
+    assert r.train.iters is None and r.train.epochs == 3
+    with pytest.raises(RecipeError) as e:
+        load_recipes([good], ["train.iters=x"])
+    assert e.value.problems[0].startswith("--set train.iters")
