@@ -6,6 +6,7 @@ report, validate and checkpoint, and how a run resumes. A backend only does the 
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -131,7 +132,7 @@ class Trainer:
             "method": self.recipe.method.kind,
             "recipe": self.recipe.to_toml_dict(),
             "base_model": {"path": self.recipe.model.path, "fingerprint": self.model_fp},
-            "tokenizer": {"fingerprint": adapter_format.fingerprint_tokenizer(self.prep.tokenizer)},
+            "tokenizer": {"fingerprint": self.tokenizer_fp},
             "step": state["step"],
             "total_steps": self.schedule.total_steps,
             "trained_tokens": state["trained_tokens"],
@@ -167,9 +168,10 @@ class Trainer:
             state = ckpt.read_state(resume_ckpt)
             self.log.truncate_after(state["step"])
         self.model_fp = adapter_format.fingerprint_model(self.prep.model_path)
+        self.tokenizer_fp = adapter_format.fingerprint_tokenizer(self.prep.tokenizer)
         load_from = resume_ckpt / "adapter" if resume_ckpt else self.start_adapter
         if load_from is not None and recipe.method.kind != "full":
-            adapter_format.check_compatible(load_from, self.model_fp, adapter_format.fingerprint_tokenizer(self.prep.tokenizer))
+            adapter_format.check_compatible(load_from, self.model_fp, self.tokenizer_fp)
             adapter_format.check_method(load_from, recipe.method.kind, recipe.method.rank)
 
         self.backend = get_backend(self.backend_name)
@@ -306,8 +308,6 @@ def finished_stage(run_dir: Path, recipe: Recipe, backend: str) -> StageResult |
     meta = adapter_format.read_meta(run_dir / "adapter")
     if not final.exists() or meta is None:
         return None
-    import json
-
     state = json.loads(final.read_text())
     return StageResult(
         name=recipe.name or "stage", backend=meta.get("backend", backend), run_dir=run_dir, adapter=run_dir / "adapter",
