@@ -351,10 +351,26 @@ def _convert_gguf(source: Path, dest: Path, dtype: str, note: Progress) -> list[
     context = meta.get(f"{arch}.context_length")
     if context and (tok.model_max_length is None or tok.model_max_length > 10**9):
         tok.model_max_length = int(context)
+    fixes = []
+    gguf_eos = meta.get("tokenizer.ggml.eos_token_id")
+    if gguf_eos is not None and tok.eos_token_id != int(gguf_eos):
+        # Seen with transformers 5.17: the tokenizer came back with BOS as its EOS. The GGUF is the truth,
+        # and a wrong EOS would end every training example with the wrong token.
+        fixes.append(f"tokenizer eos_token {tok.eos_token!r} -> {tok.convert_ids_to_tokens(int(gguf_eos))!r}")
+        tok.eos_token = tok.convert_ids_to_tokens(int(gguf_eos))
+    gguf_bos = meta.get("tokenizer.ggml.bos_token_id")
+    if meta.get("tokenizer.ggml.add_bos_token") and gguf_bos is not None and tok("a").input_ids[:1] != [int(gguf_bos)]:
+        # Also seen with transformers 5.17: the GGUF asks for a BOS and the tokenizer does not add it.
+        try:
+            tok.add_bos_token = True
+        except AttributeError:
+            pass
+        if tok("a").input_ids[:1] == [int(gguf_bos)]:
+            fixes.append("tokenizer add_bos_token set to True (as the GGUF says)")
     note("writing the Hugging Face folder")
     model.save_pretrained(dest)
     tok.save_pretrained(dest)
-    return _fix_gguf_folder(dest, meta, tensors, tok)
+    return fixes + _fix_gguf_folder(dest, meta, tensors, tok)
 
 
 def _fix_gguf_folder(dest: Path, meta: dict[str, Any], tensors: set[str], tok: Any) -> list[str]:
