@@ -23,6 +23,7 @@ import numpy as np
 
 from ftkit.backend import Batch
 from ftkit.errors import DataError
+from ftkit.recipe import looks_like_hub_id
 
 if TYPE_CHECKING:
     from ftkit.recipe import DataSection
@@ -80,18 +81,13 @@ def _read_parts(data: "DataSection") -> dict[str, _Part]:
     elif path.is_file():
         rows, where = _read_file(path)
         parts = {"train": _Part(rows, where, str(path))}
-    elif _looks_like_hub_id(data.path):
+    elif looks_like_hub_id(data.path):
         parts = _read_hub(data)
     else:
         raise DataError(f"data.path: {data.path} does not exist (a folder, a data file, or a `datasets` hub id 'org/name').")
     if not parts["train"].rows:
         raise DataError(f"{parts['train'].source}: the training data has no rows.")
     return _hold_out(parts, data)
-
-
-def _looks_like_hub_id(value: str) -> bool:
-    parts = value.split("/")
-    return len(parts) == 2 and all(parts) and not value.startswith((".", "/", "~"))
 
 
 def _read_folder(folder: Path) -> dict[str, _Part]:

@@ -206,7 +206,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _looks_like_hub_id(value: str) -> bool:
+def looks_like_hub_id(value: str) -> bool:
     parts = value.split("/")
     return len(parts) == 2 and all(parts) and not value.startswith((".", "/", "~"))
 
@@ -218,7 +218,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         if not isinstance(value, str) or value.startswith(("/", "~")):
             continue
         candidate = (base / value).resolve()
-        if key == "dir" or candidate.exists() or not _looks_like_hub_id(value):
+        if key == "dir" or candidate.exists() or not looks_like_hub_id(value):
             data[section][key] = str(candidate)
 
 
@@ -293,12 +293,12 @@ def _check_combinations(r: Recipe, where: str) -> list[str]:
     if r.method.kind == "full" and r.method.resume_from:
         errors.append(f"{where}: method.resume_from is for adapters; for full fine-tuning point model.path at the model folder.")
     model_path = Path(r.model.path)
-    if not model_path.exists() and not _looks_like_hub_id(r.model.path):
+    if not model_path.exists() and not looks_like_hub_id(r.model.path):
         errors.append(f"{where}: model.path: {r.model.path} does not exist (a local folder, a .gguf file, or a hub id 'org/name').")
     data_path = Path(r.data.path)
-    if not data_path.exists() and not _looks_like_hub_id(r.data.path):
+    if not data_path.exists() and not looks_like_hub_id(r.data.path):
         errors.append(f"{where}: data.path: {r.data.path} does not exist (a folder, a .jsonl/.csv/.parquet file, or a hub id).")
-    if r.method.resume_from and not Path(r.method.resume_from).exists() and not _looks_like_hub_id(r.method.resume_from):
+    if r.method.resume_from and not Path(r.method.resume_from).exists() and not looks_like_hub_id(r.method.resume_from):
         errors.append(f"{where}: method.resume_from: {r.method.resume_from} does not exist.")
     return errors
 
