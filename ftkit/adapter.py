@@ -73,13 +73,6 @@ def read_meta(folder: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def read_peft_config(folder: Path) -> dict[str, Any]:
-    path = Path(folder) / "adapter_config.json"
-    if not path.exists():
-        raise AdapterMismatchError(f"{folder}: no adapter_config.json; this is not an adapter folder.")
-    return json.loads(path.read_text())
-
-
 def check_compatible(adapter: Path, model_fingerprint: str, tokenizer_fingerprint: str | None = None) -> None:
     """Refuse an adapter trained on another base, before any tensor is loaded."""
     meta = read_meta(adapter)
@@ -99,12 +92,17 @@ def check_compatible(adapter: Path, model_fingerprint: str, tokenizer_fingerprin
         )
 
 
-def check_method(adapter: Path, kind: str, rank: int | None = None) -> None:
+def check_method(adapter: Path, kind: str, rank: int | None = None, n_virtual: int | None = None) -> None:
     """Continuing training from an adapter must keep its method and rank, or say which differs."""
-    cfg = read_peft_config(adapter)
-    peft_kind = {"LORA": "dora" if cfg.get("use_dora") else "lora", "PROMPT_TUNING": "prompt", "PREFIX_TUNING": "prefix"}
-    found = peft_kind.get(cfg.get("peft_type", ""), cfg.get("peft_type"))
+    from ftkit.adapter_layout import adapter_kind, read_config
+
+    cfg = read_config(adapter)
+    found = adapter_kind(cfg)
     if found != kind:
         raise AdapterMismatchError(f"{adapter} is a {found} adapter, but the recipe's method.kind is {kind!r}.")
     if rank is not None and kind in ("lora", "dora") and cfg.get("r") != rank:
         raise AdapterMismatchError(f"{adapter} has rank {cfg.get('r')}, but the recipe's method.rank is {rank}.")
+    if kind == "prompt" and n_virtual is not None and cfg.get("num_virtual_tokens") != n_virtual:
+        raise AdapterMismatchError(
+            f"{adapter} has {cfg.get('num_virtual_tokens')} virtual tokens, but the recipe's method.num_virtual_tokens is {n_virtual}."
+        )

@@ -1,9 +1,10 @@
 """The backend contract, the registry, and `--backend auto`.
 
 The core owns everything that is not tensor math. A backend loads a model, attaches the method's
-trainable parameters, runs forward/backward on a `Batch`, steps the optimizer at the LR the core
-gives it, evaluates, yields next-token logits for the core's sampler, and saves/loads adapter
-tensors and its own optimizer/RNG state.
+trainable parameters on the modules `ftkit.targets.select` picks (the core then sets their initial
+values, from `ftkit.init.draw`), runs forward/backward on a `Batch`, steps the optimizer at the LR
+the core gives it, evaluates, yields next-token logits for the core's sampler, and saves/loads
+adapter tensors in the common layout and its own optimizer/RNG state.
 """
 
 from __future__ import annotations
@@ -67,8 +68,20 @@ class Backend(Protocol):
     def next_logits(self, new_ids: list[int], state: Any | None) -> tuple["np.ndarray", Any]:
         """Float32 logits for the token after `new_ids` (appended to `state`'s context; None starts over)."""
 
+    def adapter_tensors(self) -> dict[str, "np.ndarray"]:
+        """The adapter's tensors in the common layout: PEFT's names and shapes, float32."""
+
+    def set_adapter_tensors(self, tensors: dict[str, "np.ndarray"]) -> None:
+        """Overwrite the adapter's tensors (same names and shapes as `adapter_tensors`)."""
+
+    def embedding_rows(self, ids: list[int]) -> "np.ndarray":
+        """The base model's input embeddings of these token ids, float32 [len(ids), hidden]."""
+
     def save_adapter(self, dest: Path) -> None:
         """Write the trainable part in the common format (PEFT files; a full model folder for `full`)."""
+
+    def fuse(self, dest: Path, dequantize: bool) -> None:
+        """Merge the adapter into the base and write a plain Hugging Face model folder (weights + config)."""
 
     def save_state(self, dest: Path) -> None:
         """Write what resuming needs beyond the adapter: optimizer state, RNG."""

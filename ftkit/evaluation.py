@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ftkit import adapter as adapter_format
+from ftkit import adapter_layout
 from ftkit.backend import Backend, get_backend
 from ftkit.errors import FtkitError
 from ftkit.recipe import Recipe
@@ -24,6 +25,7 @@ def load_for_inference(recipe: Recipe, backend_name: str, adapter: Path | None, 
         model_path, adapter = adapter, None
         recipe.method.kind = "full"
     elif adapter is not None:
+        adapter = adapter_layout.resolve(adapter)
         adapter_format.check_compatible(
             adapter, adapter_format.fingerprint_model(model_path), adapter_format.fingerprint_tokenizer(tokenizer)
         )

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ftkit import adapter as adapter_format
+from ftkit import adapter_layout, init
 from ftkit import checkpoint as ckpt
 from ftkit.backend import Backend, Batch, get_backend
 from ftkit.data import Example, Splits, load_splits, make_batch
@@ -116,7 +117,7 @@ class Trainer:
         self.backend_name = backend_name
         if start_adapter is None and self.recipe.method.resume_from:
             start_adapter = Path(self.recipe.method.resume_from)
-        self.start_adapter = start_adapter
+        self.start_adapter = adapter_layout.resolve(start_adapter) if start_adapter is not None else None
         self.quiet = quiet
         self.pad_id = prep.tokenizer.pad_token_id
         self.log = MetricsLog(self.run_dir)
@@ -172,7 +173,7 @@ class Trainer:
         load_from = resume_ckpt / "adapter" if resume_ckpt else self.start_adapter
         if load_from is not None and recipe.method.kind != "full":
             adapter_format.check_compatible(load_from, self.model_fp, self.tokenizer_fp)
-            adapter_format.check_method(load_from, recipe.method.kind, recipe.method.rank)
+            adapter_format.check_method(load_from, recipe.method.kind, recipe.method.rank, recipe.method.num_virtual_tokens)
 
         self.backend = get_backend(self.backend_name)
         model_path = self.prep.model_path
@@ -182,6 +183,8 @@ class Trainer:
             self.backend.load(recipe, model_path, adapter=load_from, train=True)
         if resume_ckpt is not None:
             self.backend.load_state(resume_ckpt / "state")
+        elif load_from is None and recipe.is_adapter:
+            self._draw_initial_adapter()
         info = self.backend.describe()
         self._write_recipe()
         self._say(self._banner(info, resume_ckpt))
@@ -249,6 +252,12 @@ class Trainer:
             trained_tokens=state["trained_tokens"], seconds=state["elapsed"],
             resumed_from=str(resume_ckpt) if resume_ckpt else None, info=info,
         )
+
+    def _draw_initial_adapter(self) -> None:
+        """Same recipe and seed, same starting adapter, whichever backend trains it."""
+        method, seed = self.recipe.method, self.recipe.train.seed
+        rows = lambda: self.backend.embedding_rows(init.prompt_init_ids(method, self.prep.tokenizer, seed))  # noqa: E731
+        self.backend.set_adapter_tensors(init.draw(self.backend.adapter_tensors(), seed, rows))
 
     def _step_batches(self, position: int) -> list[Batch]:
         train = self.recipe.train

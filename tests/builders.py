@@ -67,3 +67,24 @@ def build_tiny_llama(dest: Path, seed: int = 0, hidden: int = 64, layers: int = 
     model = LlamaForCausalLM(config)
     model.save_pretrained(dest, safe_serialization=True)
     return dest
+
+
+def recipe_file(tmp_path: Path, model: Path, data: Path, name: str = "r", **sections) -> Path:
+    body = {
+        "model": {"path": str(model)},
+        "method": {"kind": "lora", "rank": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"path": str(data), "max_seq_length": 256},
+        "train": {"iters": 6, "batch_size": 4, "lr": 3e-3, "steps_per_eval": 3, "steps_per_report": 1,
+                  "save_every": 2, "val_batches": 2, "seed": 0},
+        "output": {"dir": str(tmp_path / f"run-{name}")},
+        "torch": {"precision": "fp32"},  # exact comparisons; on a GPU too
+    }
+    for section, values in sections.items():
+        body.setdefault(section, {}).update(values)
+    lines = []
+    for section, values in body.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    p = tmp_path / f"{name}.toml"
+    p.write_text("\n".join(lines) + "\n")
+    return p

@@ -47,3 +47,14 @@ def stories_model_dir(tmp_path_factory) -> Path:
     if not src.exists():
         pytest.skip(f"{src} is not here")
     return convert(src, tmp_path_factory.mktemp("stories260K") / "model")
+
+
+@pytest.fixture
+def small_data(tmp_path, wikisql_dir) -> Path:
+    """A 48/16/16 slice of WikiSQL so that each test trains in seconds."""
+    d = tmp_path / "data"
+    d.mkdir()
+    for split, n in (("train", 48), ("valid", 16), ("test", 16)):
+        rows = (wikisql_dir / f"{split}.jsonl").read_text().splitlines()[:n]
+        (d / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    return d

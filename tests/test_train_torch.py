@@ -16,38 +16,7 @@ from safetensors.numpy import load_file  # noqa: E402
 from ftkit.errors import AdapterMismatchError, FtkitError  # noqa: E402
 from ftkit.loop import Trainer, micro_batch_indices, prepare, run_stages  # noqa: E402
 from ftkit.recipe import load_recipes  # noqa: E402
-
-
-def recipe_file(tmp_path: Path, model: Path, data: Path, name: str = "r", **sections) -> Path:
-    body = {
-        "model": {"path": str(model)},
-        "method": {"kind": "lora", "rank": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"path": str(data), "max_seq_length": 256},
-        "train": {"iters": 6, "batch_size": 4, "lr": 3e-3, "steps_per_eval": 3, "steps_per_report": 1,
-                  "save_every": 2, "val_batches": 2, "seed": 0},
-        "output": {"dir": str(tmp_path / f"run-{name}")},
-        "torch": {"precision": "fp32"},  # exact comparisons; on a GPU too
-    }
-    for section, values in sections.items():
-        body.setdefault(section, {}).update(values)
-    lines = []
-    for section, values in body.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    p = tmp_path / f"{name}.toml"
-    p.write_text("\n".join(lines) + "\n")
-    return p
-
-
-@pytest.fixture
-def small_data(tmp_path, wikisql_dir) -> Path:
-    """A 48/16/16 slice of WikiSQL so that each test trains in seconds."""
-    d = tmp_path / "data"
-    d.mkdir()
-    for split, n in (("train", 48), ("valid", 16), ("test", 16)):
-        rows = (wikisql_dir / f"{split}.jsonl").read_text().splitlines()[:n]
-        (d / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
-    return d
+from builders import recipe_file  # noqa: E402
 
 
 def trainer_for(path: Path, sets=()) -> Trainer:

@@ -31,6 +31,26 @@ def pick_device(want: str) -> torch.device:
     return torch.device(want)
 
 
+def _refuse_unsupported(recipe: Recipe, model_path: Path) -> None:
+    """Keys this backend cannot honour are errors, never silently dropped."""
+    import json
+
+    if recipe.model.quantize != "none":
+        raise FtkitError(f"model.quantize = '{recipe.model.quantize}' is not available on the torch backend yet; "
+                         "use --backend mlx (4bit/8bit) or model.quantize = 'none'.")
+    cfg_file = model_path / "config.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+    if "quantization" in cfg and "quant_method" not in (cfg.get("quantization_config") or {}):
+        raise FtkitError(f"{model_path} is quantized in MLX's format (group size {cfg['quantization'].get('group_size')}, "
+                         f"{cfg['quantization'].get('bits')} bits), which torch cannot load: use --backend mlx, or train on the unquantized model.")
+
+
+def _virtual_tokens(model) -> int:
+    """How many soft-prompt positions PEFT prepends to every sequence (0 for other methods)."""
+    config = getattr(model, "peft_config", {}).get("default")
+    return int(config.num_virtual_tokens) if config is not None and config.is_prompt_learning else 0
+
+
 class TorchBackend:
     name = "torch"
 
@@ -50,6 +70,7 @@ class TorchBackend:
 
         self.recipe = recipe
         cfg = recipe.torch
+        _refuse_unsupported(recipe, model_path)
         self.device = pick_device(cfg.device)
         cuda = self.device.type == "cuda"
         bf16_ok = cuda and torch.cuda.is_bf16_supported()
@@ -70,6 +91,7 @@ class TorchBackend:
         model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
         model.config.use_cache = False
         model = attach_method(model, recipe.method, adapter=adapter, train=train)
+        self.n_virtual = _virtual_tokens(model)
         if train and cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(model, "enable_input_require_grads"):
@@ -102,7 +124,7 @@ class TorchBackend:
     def _loss_sum(self, batch: Batch) -> torch.Tensor:
         inputs, targets, mask, attn = self._tensors(batch)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            logits = self.model(input_ids=inputs, attention_mask=attn).logits
+            logits = self.model(input_ids=inputs, attention_mask=attn).logits[:, self.n_virtual :]
         losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
         return (losses * mask.flatten()).sum()
 
@@ -134,14 +156,52 @@ class TorchBackend:
     def next_logits(self, new_ids: list[int], state: Any | None) -> tuple[np.ndarray, Any]:
         self.model.eval()
         ids = torch.tensor([new_ids], device=self.device)
+        # A soft prompt is prepended once; later tokens extend its cache through the base model.
+        model = self.model.base_model if (self.n_virtual and state is not None) else self.model
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            out = self.model(input_ids=ids, past_key_values=state, use_cache=True)
+            out = model(input_ids=ids, past_key_values=state, use_cache=True)
         return out.logits[0, -1].float().cpu().numpy(), out.past_key_values
+
+    # ------------------------------------------------------------------ adapter tensors
+    def _peft(self):
+        model = getattr(self.model, "_orig_mod", self.model)
+        if not hasattr(model, "peft_config"):
+            raise FtkitError("this model carries no adapter (method.kind = 'full').")
+        return model
+
+    def adapter_tensors(self) -> dict[str, np.ndarray]:
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().float().cpu().numpy() for k, v in get_peft_model_state_dict(self._peft()).items()}
+
+    def set_adapter_tensors(self, tensors: dict[str, np.ndarray]) -> None:
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        model = self._peft()
+        dtypes = {k: v.dtype for k, v in get_peft_model_state_dict(model).items()}
+        unknown = sorted(set(tensors) - set(dtypes))
+        if unknown:
+            raise FtkitError(f"adapter tensors the model does not hold: {unknown[:3]}")
+        state = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device, dtypes[k]) for k, v in tensors.items()}
+        set_peft_model_state_dict(model, state)
+
+    @torch.no_grad()
+    def embedding_rows(self, ids: list[int]) -> np.ndarray:
+        emb = getattr(self.model, "_orig_mod", self.model).get_input_embeddings()
+        return emb(torch.tensor(ids, device=self.device)).float().cpu().numpy()
 
     # ------------------------------------------------------------------ saving
     def save_adapter(self, dest: Path) -> None:
         model = getattr(self.model, "_orig_mod", self.model)
         model.save_pretrained(dest, safe_serialization=True)
+
+    def fuse(self, dest: Path, dequantize: bool) -> None:
+        model = self._peft()
+        if self.n_virtual:
+            raise FtkitError("a soft prompt cannot be merged into the weights; use the adapter with --adapter instead.")
+        merged = model.merge_and_unload()
+        merged.config.use_cache = True
+        merged.save_pretrained(dest, safe_serialization=True)
 
     def save_state(self, dest: Path) -> None:
         state = {"optimizer": self.optimizer.state_dict(), "cpu_rng": torch.get_rng_state()}

@@ -4,48 +4,40 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ftkit.errors import FtkitError
+from ftkit import adapter_layout, targets
+from ftkit.errors import AdapterMismatchError, FtkitError
 from ftkit.recipe import MethodSection
 
 
-def _num_layers(model) -> int:
+def num_layers(model) -> int:
     n = getattr(model.config, "num_hidden_layers", None)
     if n is None:
-        raise FtkitError("method.layers needs config.num_hidden_layers, which this model's config lacks.")
+        raise FtkitError("this model's config has no num_hidden_layers; ftkit cannot tell its decoder blocks apart.")
     return n
 
 
-def linear_module_names(model) -> list[str]:
-    """Leaf names of the linear layers inside the decoder blocks: PEFT's "all-linear", spelled out,
-    because PEFT accepts `layers_to_transform` only with a list of names."""
+def linear_shapes(model) -> dict[str, tuple[int, int]]:
     import torch
 
-    names = set()
-    for full, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".layers." in f".{full}":
-            names.add(full.rsplit(".", 1)[-1])
-    return sorted(names)
+    return {name: (m.out_features, m.in_features) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
 def peft_config(model, method: MethodSection):
-    from peft import LoraConfig, TaskType
+    from peft import LoraConfig, PromptTuningConfig, TaskType
 
+    if method.kind == "prompt":
+        cfg = model.config
+        return PromptTuningConfig(
+            task_type=TaskType.CAUSAL_LM, num_virtual_tokens=method.num_virtual_tokens, token_dim=cfg.hidden_size,
+            num_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        )
     if method.kind not in ("lora", "dora"):
-        raise FtkitError(f"method.kind = {method.kind!r} is not available on the torch backend yet (lora, dora, full are).")
-    layers, targets = None, method.targets
-    if method.layers is not None:
-        n = _num_layers(model)
-        layers = list(range(max(0, n - method.layers), n))
-        if targets == "all-linear":
-            targets = linear_module_names(model)
+        raise FtkitError(f"method.kind = {method.kind!r} is not available on the torch backend yet (lora, dora, prompt, full are).")
+    modules = targets.select(list(linear_shapes(model)), method, num_layers(model))
+    target_modules, layers = adapter_layout.target_spec(modules)
     return LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
-        r=method.rank,
-        lora_alpha=method.alpha,
-        lora_dropout=method.dropout,
-        target_modules=targets,
-        layers_to_transform=layers,
-        use_dora=method.kind == "dora",
+        task_type=TaskType.CAUSAL_LM, r=method.rank, lora_alpha=method.alpha, lora_dropout=method.dropout,
+        target_modules=target_modules, layers_to_transform=layers, use_dora=method.kind == "dora",
     )
 
 
@@ -56,13 +48,18 @@ def attach_method(model, method: MethodSection, *, adapter: Path | None, train: 
     from peft import PeftModel, get_peft_model
 
     if adapter is not None:
-        return PeftModel.from_pretrained(model, str(adapter), is_trainable=train)
+        config, weights = adapter_layout.read_adapter(adapter)
+        adapter_layout.check_fits(adapter, weights, linear_shapes(model), model.config.hidden_size)
+        if isinstance(weights, adapter_layout.LoraAdapter) and train:
+            wanted = targets.select(list(linear_shapes(model)), method, num_layers(model))
+            adapter_layout.check_targets(adapter, weights.modules, wanted)
+        try:
+            return PeftModel.from_pretrained(model, str(adapter), is_trainable=train)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise AdapterMismatchError(f"{adapter} does not fit this base model: {str(e).splitlines()[0][:400]}") from None
     if not train:
         raise FtkitError("no adapter given: pass --adapter DIR (or evaluate the base with method.kind = 'full').")
-    try:
-        return get_peft_model(model, peft_config(model, method))
-    except ValueError as e:
-        raise FtkitError(f"method.targets = {method.targets!r}: {e}") from None
+    return get_peft_model(model, peft_config(model, method))
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -1,0 +1,280 @@
+"""The MLX backend: mlx-lm's model zoo, loaders, LoRA/DoRA layers and quantization.
+
+Only tensor math lives here; the loop, data, schedule, initial values and formats are the core's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from ftkit import adapter_layout, targets
+from ftkit.backend import Batch
+from ftkit.errors import AdapterMismatchError, FtkitError
+from ftkit.recipe import Recipe
+from ftkit_mlx import methods
+from ftkit_mlx import optim as mlx_optim
+
+_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+_BITS = {"4bit": 4, "8bit": 8}
+
+
+def model_overrides(config: dict[str, Any]) -> dict[str, Any]:
+    """Config keys mlx-lm reads at the top level, where transformers 5 nests them under rope_parameters."""
+    rope = config.get("rope_parameters") or {}
+    extra: dict[str, Any] = {}
+    if "rope_theta" not in config and "rope_theta" in rope:
+        extra["rope_theta"] = rope["rope_theta"]
+    if not config.get("rope_scaling") and rope.get("rope_type", "default") != "default":
+        extra["rope_scaling"] = rope
+    return extra
+
+
+def load_base(model_path: Path, trust_remote_code: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    from mlx_lm.utils import load_config, load_model
+
+    config = load_config(model_path)
+    try:
+        return load_model(model_path, model_config=model_overrides(config), trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        raise FtkitError(f"{model_path}: mlx-lm cannot build this model ({e}).") from None
+
+
+def _count_parameters(module: nn.Module) -> int:
+    """All parameters, a quantized weight counted as the values it stands for (not its packed words)."""
+    total = sum(v.size for _, v in tree_flatten(module.parameters()))
+    for _, m in module.named_modules():
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            total += m.weight.size * 32 // m.bits - m.weight.size - m.scales.size - (m.biases.size if m.biases is not None else 0)
+    return int(total)
+
+
+class MlxBackend:
+    name = "mlx"
+
+    def __init__(self) -> None:
+        self.tuned: methods.Tuned | None = None
+        self.optimizer = None
+        self.grads = None
+
+    # ------------------------------------------------------------------ loading
+    def load(self, recipe: Recipe, model_path: Path, *, adapter: Path | None, train: bool) -> None:
+        self.recipe, self.model_path, self.kind = recipe, Path(model_path), recipe.method.kind
+        self._refuse_unsupported(recipe)
+        mx.random.seed(recipe.train.seed)
+        model, self.config = load_base(self.model_path, recipe.model.trust_remote_code)
+        if recipe.model.dtype != "auto":
+            model.set_dtype(_DTYPES[recipe.model.dtype])
+        elif not mx.metal.is_available():
+            model.set_dtype(mx.float32)  # CPUs have no fast half precision; Apple GPUs keep the stored dtype
+        if recipe.model.quantize != "none":
+            from mlx_lm.utils import quantize_model
+
+            if "quantization" in self.config:
+                raise FtkitError(f"model.quantize = '{recipe.model.quantize}', but {model_path} is already quantized; set model.quantize = 'none'.")
+            model, self.config = quantize_model(model, self.config, recipe.mlx.quantize_group_size, _BITS[recipe.model.quantize])
+        model.freeze()
+        self.tuned = methods.Tuned(model)
+        self.num_layers = len(model.layers)
+        self.hidden = int(self.config.get("hidden_size") or methods.embed_tokens(model).weight.shape[-1])
+        self.scale, self.dropout = recipe.method.alpha / recipe.method.rank, recipe.method.dropout
+        if adapter is not None:
+            self._load_adapter(Path(adapter), train)
+        elif self.kind == "full":
+            if train:
+                model.unfreeze()
+        elif not train:
+            raise FtkitError("no adapter given: pass --adapter DIR (or evaluate the base with method.kind = 'full').")
+        elif self.kind == "prompt":
+            self.tuned.add_prompt(mx.zeros((recipe.method.num_virtual_tokens, self.hidden)))
+        else:
+            modules = targets.select(list(methods.linear_shapes(model)), recipe.method, self.num_layers)
+            methods.attach_lora(model, modules, {m: recipe.method.rank for m in modules}, self.scale, self.dropout, self.kind == "dora")
+        if train and recipe.mlx.gradient_checkpointing:
+            from mlx_lm.tuner.trainer import grad_checkpoint
+
+            grad_checkpoint(model.layers[0])
+        self.tuned.train(train)
+        if train:
+            self.optimizer = mlx_optim.build(recipe.train)
+        mx.eval(self.tuned.parameters())
+
+    def _refuse_unsupported(self, recipe: Recipe) -> None:
+        """Keys this backend cannot honour are errors, never silently dropped."""
+        q = recipe.model.quantize
+        if q not in ("none", *_BITS):
+            raise FtkitError(f"model.quantize = '{q}' is a bitsandbytes format (torch on CUDA); on the MLX backend use '4bit' or '8bit'.")
+        if recipe.method.kind == "prefix":
+            raise FtkitError("method.kind = 'prefix' is not available on the MLX backend; use 'prompt' (soft prompt tuning) or 'lora'.")
+        if recipe.train.optimizer in mlx_optim.CUDA_ONLY:
+            mlx_optim.build(recipe.train)  # raises with the reason
+
+    def _load_adapter(self, adapter: Path, train: bool) -> None:
+        model = self.tuned.model
+        config, weights = adapter_layout.read_adapter(adapter)
+        kind = adapter_layout.adapter_kind(config)
+        adapter_layout.check_fits(adapter, weights, methods.linear_shapes(model), self.hidden)
+        self.kind = kind
+        if isinstance(weights, adapter_layout.PromptAdapter):
+            self.tuned.add_prompt(mx.array(weights.embeddings))
+            return
+        if train:
+            wanted = targets.select(list(methods.linear_shapes(model)), self.recipe.method, self.num_layers)
+            adapter_layout.check_targets(adapter, weights.modules, wanted)
+        self.scale, self.dropout = weights.scale, weights.dropout
+        ranks = {m: weights.rank(m) for m in weights.modules}
+        methods.attach_lora(model, weights.modules, ranks, weights.scale, weights.dropout, kind == "dora")
+        methods.from_common(self.tuned, kind, adapter_layout.lora_tensors(weights))
+
+    def describe(self) -> dict[str, Any]:
+        trainable = sum(v.size for _, v in tree_flatten(self.tuned.trainable_parameters()))
+        device = mx.default_device()
+        dtype = next(v.dtype for _, v in tree_flatten(self.tuned.model.parameters()) if mx.issubdtype(v.dtype, mx.floating))
+        info = {
+            "device": f"mlx {'gpu (Metal)' if device.type == mx.DeviceType.gpu else 'cpu'}",
+            "dtype": str(dtype).replace("mlx.core.", ""),
+            "precision": str(dtype).replace("mlx.core.", ""),
+            "trainable_params": int(trainable),
+            "total_params": _count_parameters(self.tuned),
+            "gradient_checkpointing": self.recipe.mlx.gradient_checkpointing,
+            "mlx": mx.__version__,
+        }
+        if "quantization" in self.config:
+            q = self.config["quantization"]
+            info["quantization"] = f"{q.get('bits')}-bit, group size {q.get('group_size')}"
+        return info
+
+    # ------------------------------------------------------------------ math
+    @staticmethod
+    def _arrays(batch: Batch):
+        return mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask)
+
+    @staticmethod
+    def _loss_sum(tuned: methods.Tuned, inputs: mx.array, targets_: mx.array, mask: mx.array) -> mx.array:
+        logits = tuned(inputs).astype(mx.float32)
+        return (nn.losses.cross_entropy(logits, targets_, reduction="none") * mask).sum()
+
+    def forward_backward(self, batch: Batch, scale: float) -> float:
+        def scaled(tuned, inputs, targets_, mask):
+            loss = self._loss_sum(tuned, inputs, targets_, mask)
+            return loss * scale, loss
+
+        (_, loss), grads = nn.value_and_grad(self.tuned, scaled)(self.tuned, *self._arrays(batch))
+        self.grads = grads if self.grads is None else tree_map(mx.add, self.grads, grads)
+        mx.eval(loss, self.grads)
+        return loss.item()
+
+    def optimizer_step(self, lr: float) -> dict[str, float]:
+        grads, self.grads = self.grads, None
+        norm = mlx_optim.global_norm(grads)
+        max_norm = self.recipe.train.max_grad_norm
+        if max_norm:
+            factor = mx.minimum(max_norm / (norm + 1e-6), 1.0)  # torch's clip_grad_norm_
+            grads = tree_map(lambda g: g * factor, grads)
+        params, grads = mlx_optim.apply_weight_decay(self.recipe.train, self.tuned.trainable_parameters(), grads, lr)
+        self.tuned.update(params)
+        self.optimizer.learning_rate = lr
+        self.optimizer.update(self.tuned, grads)
+        mx.eval(self.tuned.trainable_parameters(), self.optimizer.state)
+        return {"grad_norm": norm.item()}
+
+    def eval_loss(self, batch: Batch) -> float:
+        was_training = self.tuned.training
+        self.tuned.train(False)
+        try:
+            loss = self._loss_sum(self.tuned, *self._arrays(batch))
+            mx.eval(loss)
+            return loss.item()
+        finally:
+            self.tuned.train(was_training)
+
+    def next_logits(self, new_ids: list[int], state: Any | None) -> tuple[np.ndarray, Any]:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        self.tuned.train(False)
+        cache = state if state is not None else make_prompt_cache(self.tuned.model)
+        logits = self.tuned(mx.array([new_ids]), cache=cache)[0, -1].astype(mx.float32)
+        return np.array(logits), cache
+
+    # ------------------------------------------------------------------ adapter tensors
+    def adapter_tensors(self) -> dict[str, np.ndarray]:
+        if self.kind == "full":
+            raise FtkitError("this model carries no adapter (method.kind = 'full').")
+        return methods.to_common(self.tuned, self.kind, self.scale, self.dropout)
+
+    def set_adapter_tensors(self, tensors: dict[str, np.ndarray]) -> None:
+        methods.from_common(self.tuned, self.kind, tensors)
+        mx.eval(self.tuned.parameters())
+
+    def embedding_rows(self, ids: list[int]) -> np.ndarray:
+        return np.array(methods.embed_tokens(self.tuned.model)(mx.array(ids)).astype(mx.float32))
+
+    # ------------------------------------------------------------------ saving
+    def save_adapter(self, dest: Path) -> None:
+        if self.kind == "full":
+            self._save_model_folder(dest, dict(tree_flatten(self.tuned.model.parameters())), dict(self.config))
+            return
+        base = self.recipe.model.path
+        if self.kind == "prompt":
+            cfg = adapter_layout.prompt_config(self.tuned.n_virtual, self.hidden, self.num_layers,
+                                               int(self.config.get("num_attention_heads", 0)), base)
+            adapter = adapter_layout.PromptAdapter(np.array(self.tuned.prompt_embeddings.astype(mx.float32)))
+        else:
+            adapter = adapter_layout.parse_lora(self.adapter_tensors(), self.kind, self.scale, self.dropout, "adapter")
+            rank = adapter.rank(adapter.modules[0])
+            cfg = adapter_layout.lora_config(self.kind, rank, self.scale * rank, self.dropout, adapter.modules, base, self.num_layers)
+        adapter_layout.write_adapter(dest, cfg, adapter)
+
+    def fuse(self, dest: Path, dequantize: bool) -> None:
+        from mlx_lm.utils import dequantize_model
+
+        if self.kind == "prompt":
+            raise FtkitError("a soft prompt cannot be merged into the weights; use the adapter with --adapter instead.")
+        model = self.tuned.model
+        methods.fuse_lora(model, dequantize)
+        config = dict(self.config)
+        if dequantize and "quantization" in config:
+            model = dequantize_model(model)
+            config.pop("quantization", None)
+            config.pop("quantization_config", None)
+        self._save_model_folder(dest, dict(tree_flatten(model.parameters())), config)
+
+    def _save_model_folder(self, dest: Path, weights: dict[str, mx.array], config: dict[str, Any]) -> None:
+        """A Hugging Face model folder: mlx-lm's Llama-family parameter names are the transformers ones."""
+        from mlx_lm.utils import make_shards, save_config
+
+        dest.mkdir(parents=True, exist_ok=True)
+        shards = make_shards(weights)
+        index: dict[str, str] = {}
+        for i, shard in enumerate(shards):
+            name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            mx.save_safetensors(str(dest / name), shard, metadata={"format": "pt"})
+            index.update({k: name for k in shard})
+        if len(shards) > 1:
+            total = sum(v.nbytes for v in weights.values())
+            (dest / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=2))
+        save_config(config, config_path=dest / "config.json")
+        if "quantization" not in config:
+            cfg = json.loads((dest / "config.json").read_text())
+            cfg.pop("quantization_config", None)
+            (dest / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        if (self.model_path / "generation_config.json").exists():
+            shutil.copy(self.model_path / "generation_config.json", dest)
+
+    def save_state(self, dest: Path) -> None:
+        state = dict(tree_flatten(self.optimizer.state))
+        mx.save_safetensors(str(dest / "mlx_optimizer.safetensors"), state)
+        np.save(dest / "mlx_rng.npy", np.array(mx.random.state[0]))
+
+    def load_state(self, src: Path) -> None:
+        state = mx.load(str(src / "mlx_optimizer.safetensors"))
+        self.optimizer.init(self.tuned.trainable_parameters())
+        self.optimizer.state = tree_unflatten(list(state.items()))
+        mx.random.state[0] = mx.array(np.load(src / "mlx_rng.npy"))
