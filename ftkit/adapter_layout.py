@@ -131,11 +131,12 @@ def lora_tensors(lora: LoraAdapter) -> dict[str, np.ndarray]:
     return out
 
 
-def target_spec(modules: list[str]) -> tuple[list[str], list[int] | None]:
+def target_spec(modules: list[str], all_layers: int | None = None) -> tuple[list[str], list[int] | None]:
     """PEFT's (target_modules, layers_to_transform) for exactly these module paths.
 
     Leaf names and layer indices when the set is their full product (what other tools expect to
-    read); the full paths otherwise, which PEFT also matches exactly.
+    read; no layer list when that is every one of the model's `all_layers` blocks); the full paths
+    otherwise, which PEFT also matches exactly.
     """
     leaves = sorted({m.rsplit(".", 1)[-1] for m in modules})
     layers = sorted({block_index(m) for m in modules} - {None})
@@ -144,16 +145,14 @@ def target_spec(modules: list[str]) -> tuple[list[str], list[int] | None]:
         by_leaf.setdefault(m.rsplit(".", 1)[-1], set()).add(block_index(m))
     rectangular = all(v == set(layers) for v in by_leaf.values()) and None not in set().union(*by_leaf.values())
     if rectangular and len(modules) == len(leaves) * len(layers):
-        return leaves, layers
+        return leaves, (None if layers == list(range(all_layers or -1)) else layers)
     return sorted(modules), None
 
 
 def lora_config(kind: str, rank: int, alpha: float, dropout: float, modules: list[str], base_model: str | None,
                 all_layers: int | None = None) -> dict[str, Any]:
     """The adapter_config.json PEFT writes for a LoRA/DoRA of this shape."""
-    targets, layers = target_spec(modules)
-    if layers is not None and all_layers is not None and layers == list(range(all_layers)):
-        layers = None
+    targets, layers = target_spec(modules, all_layers)
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": targets,

@@ -15,7 +15,7 @@ from ftkit.errors import FtkitError
 
 app = typer.Typer(
     name="ftkit",
-    help="Fine-tune language models (LoRA, DoRA, full) from one TOML recipe, on PyTorch or MLX.",
+    help="Fine-tune language models (LoRA, DoRA, soft prompts, full) from one TOML recipe, on PyTorch or MLX.",
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
@@ -84,7 +84,7 @@ def train(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate, read the data, print the schedule's step counts; load no model.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Train: LoRA, DoRA or full fine-tuning, as the recipe says."""
+    """Train: LoRA, DoRA, soft prompt or full fine-tuning, as the recipe says."""
     try:
         stages = _recipes(recipes, set_)
         if dry_run:
@@ -229,27 +229,60 @@ def info(as_json: JsonOpt = False) -> None:
 
 @app.command()
 def convert(
-    src: Annotated[Path, typer.Argument(help="A .gguf file (llama.cpp, Ollama) or a llama2.c .bin checkpoint.")],
-    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: ftkit's cache, ~/.cache/ftkit/converted/...).")] = None,
+    src: Annotated[Path, typer.Argument(help="A .gguf file (llama.cpp, Ollama), a llama2.c .bin checkpoint, or (with --quantize) a model folder.")],
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: ftkit's cache, ~/.cache/ftkit/...).")] = None,
     dtype: Annotated[str, typer.Option(help="auto | bfloat16 | float16 | float32. auto: bfloat16 for GGUF, float32 for llama2.c.")] = "auto",
+    quantize: Annotated[Optional[int], typer.Option(help="Then quantize to this many bits in MLX's format (4 or 8 for QLoRA on the MLX backend).")] = None,
+    group_size: Annotated[int, typer.Option(help="With --quantize: weights per quantization scale.")] = 64,
     force: Annotated[bool, typer.Option(help="Convert again even when a finished conversion is cached.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Turn a GGUF (or llama2.c) model into a Hugging Face folder both backends load; cached."""
+    """Turn a GGUF (or llama2.c) model into a Hugging Face folder both backends load, or quantize a model folder for MLX; cached."""
     from ftkit.convert import convert as do_convert
+    from ftkit.convert import quantize_mlx
+    from ftkit.progress import console
 
     try:
-        from ftkit.progress import console
-
-        folder = do_convert(src, out, dtype=dtype, force=force, progress=None if as_json else console().print)
+        note = None if as_json else console().print
+        if src.is_dir():
+            if quantize is None:
+                raise FtkitError(f"{src} is a model folder already; to quantize it for MLX pass --quantize 4 (or 8).")
+            folder = quantize_mlx(src, out, quantize, group_size, force)
+        elif quantize is None:
+            folder = do_convert(src, out, dtype=dtype, force=force, progress=note)
+        else:
+            folder = quantize_mlx(do_convert(src, None, dtype=dtype, force=force, progress=note), out, quantize, group_size, force)
     except FtkitError as e:
         _fail(e, as_json)
     if as_json:
-        _emit({"model": str(folder)})
+        _emit({"model": str(folder), "quantized": {"bits": quantize, "group_size": group_size} if quantize else None})
+    else:
+        console().print(f"{'quantized' if quantize else 'converted'}: {folder}")
+
+
+@app.command()
+def fuse(
+    adapter: Annotated[Path, typer.Option(help="Adapter folder (ftkit, PEFT or mlx_lm).")],
+    out: Annotated[Path, typer.Option(help="Folder to write the merged model to.")],
+    model: Annotated[Optional[str], typer.Option(help="Base model (default: the one the adapter records).")] = None,
+    dequantize: Annotated[bool, typer.Option(help="Write full-precision weights when the base is quantized.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    backend: BackendOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Merge a LoRA/DoRA adapter into its base and write a plain Hugging Face model folder."""
+    from ftkit.fuse import fuse as do_fuse
+
+    try:
+        result = do_fuse(adapter, out, model=model, backend_name=backend, dequantize=dequantize, force=force)
+    except FtkitError as e:
+        _fail(e, as_json)
+    if as_json:
+        _emit(result)
     else:
         from ftkit.progress import console
 
-        console().print(f"converted: {folder}")
+        console().print(f"fused ({result['backend']}): {result['model']}")
 
 
 @data_app.command("summary")

@@ -634,3 +634,32 @@ def _convert_llama2c(source: Path, tok_file: Path, dest: Path, dtype: str, note:
     _set_rope_theta(cfg, theta)  # not a fix: transformers 5 just keeps it where mlx-lm does not look
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return []
+
+
+def quantize_mlx(src: Path, out: Path | None, bits: int, group_size: int = 64, force: bool = False) -> Path:
+    """`src` (a model folder) quantized in MLX's format, for the MLX backend's QLoRA. Needs mlx."""
+    import importlib
+
+    from ftkit.backend import BACKENDS, installed
+    from ftkit.errors import BackendUnavailable
+
+    if bits not in (2, 3, 4, 5, 6, 8):
+        raise FtkitError(f"--quantize {bits}: MLX quantizes to 2, 3, 4, 5, 6 or 8 bits.")
+    if not installed("mlx"):
+        raise BackendUnavailable(f"--quantize writes MLX's quantized format and needs the MLX backend: {BACKENDS['mlx'][3]}")
+    if not (src / "config.json").exists():
+        raise FtkitError(f"{src}: not a model folder (no config.json).")
+    if out is None:
+        files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in src.glob("*.safetensors"))
+        short = hashlib.sha256(json.dumps([str(src.resolve()), files]).encode()).hexdigest()[:12]
+        out = cache_root() / "quantized" / f"{src.name}-q{bits}g{group_size}-{short}"
+    dest = Path(out).expanduser().resolve()
+    if (dest / "config.json").exists() and not force:
+        q = json.loads((dest / "config.json").read_text()).get("quantization") or {}
+        if (q.get("bits"), q.get("group_size")) == (bits, group_size):
+            return dest
+        raise FtkitError(f"{dest}: already holds a model; pass --force to replace it, or choose another --out.")
+    model_io = importlib.import_module("ftkit_mlx.model_io")
+    with atomic_dir(dest) as tmp:
+        model_io.quantize_folder(src, tmp, bits, group_size)
+    return dest

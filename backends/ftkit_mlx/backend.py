@@ -5,8 +5,6 @@ Only tensor math lives here; the loop, data, schedule, initial values and format
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,32 +17,11 @@ from ftkit import adapter_layout, targets
 from ftkit.backend import Batch
 from ftkit.errors import AdapterMismatchError, FtkitError
 from ftkit.recipe import Recipe
-from ftkit_mlx import methods
+from ftkit_mlx import methods, model_io
 from ftkit_mlx import optim as mlx_optim
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 _BITS = {"4bit": 4, "8bit": 8}
-
-
-def model_overrides(config: dict[str, Any]) -> dict[str, Any]:
-    """Config keys mlx-lm reads at the top level, where transformers 5 nests them under rope_parameters."""
-    rope = config.get("rope_parameters") or {}
-    extra: dict[str, Any] = {}
-    if "rope_theta" not in config and "rope_theta" in rope:
-        extra["rope_theta"] = rope["rope_theta"]
-    if not config.get("rope_scaling") and rope.get("rope_type", "default") != "default":
-        extra["rope_scaling"] = rope
-    return extra
-
-
-def load_base(model_path: Path, trust_remote_code: bool = False) -> tuple[nn.Module, dict[str, Any]]:
-    from mlx_lm.utils import load_config, load_model
-
-    config = load_config(model_path)
-    try:
-        return load_model(model_path, model_config=model_overrides(config), trust_remote_code=trust_remote_code)
-    except ValueError as e:
-        raise FtkitError(f"{model_path}: mlx-lm cannot build this model ({e}).") from None
 
 
 def _count_parameters(module: nn.Module) -> int:
@@ -69,7 +46,7 @@ class MlxBackend:
         self.recipe, self.model_path, self.kind = recipe, Path(model_path), recipe.method.kind
         self._refuse_unsupported(recipe)
         mx.random.seed(recipe.train.seed)
-        model, self.config = load_base(self.model_path, recipe.model.trust_remote_code)
+        model, self.config = model_io.load_base(self.model_path, recipe.model.trust_remote_code)
         if recipe.model.dtype != "auto":
             model.set_dtype(_DTYPES[recipe.model.dtype])
         elif not mx.metal.is_available():
@@ -219,7 +196,7 @@ class MlxBackend:
     # ------------------------------------------------------------------ saving
     def save_adapter(self, dest: Path) -> None:
         if self.kind == "full":
-            self._save_model_folder(dest, dict(tree_flatten(self.tuned.model.parameters())), dict(self.config))
+            model_io.save_model_folder(dest, dict(tree_flatten(self.tuned.model.parameters())), dict(self.config), self.model_path)
             return
         base = self.recipe.model.path
         if self.kind == "prompt":
@@ -244,29 +221,7 @@ class MlxBackend:
             model = dequantize_model(model)
             config.pop("quantization", None)
             config.pop("quantization_config", None)
-        self._save_model_folder(dest, dict(tree_flatten(model.parameters())), config)
-
-    def _save_model_folder(self, dest: Path, weights: dict[str, mx.array], config: dict[str, Any]) -> None:
-        """A Hugging Face model folder: mlx-lm's Llama-family parameter names are the transformers ones."""
-        from mlx_lm.utils import make_shards, save_config
-
-        dest.mkdir(parents=True, exist_ok=True)
-        shards = make_shards(weights)
-        index: dict[str, str] = {}
-        for i, shard in enumerate(shards):
-            name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            mx.save_safetensors(str(dest / name), shard, metadata={"format": "pt"})
-            index.update({k: name for k in shard})
-        if len(shards) > 1:
-            total = sum(v.nbytes for v in weights.values())
-            (dest / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=2))
-        save_config(config, config_path=dest / "config.json")
-        if "quantization" not in config:
-            cfg = json.loads((dest / "config.json").read_text())
-            cfg.pop("quantization_config", None)
-            (dest / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-        if (self.model_path / "generation_config.json").exists():
-            shutil.copy(self.model_path / "generation_config.json", dest)
+        model_io.save_model_folder(dest, dict(tree_flatten(model.parameters())), config, self.model_path)
 
     def save_state(self, dest: Path) -> None:
         state = dict(tree_flatten(self.optimizer.state))

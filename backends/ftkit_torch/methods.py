@@ -34,7 +34,7 @@ def peft_config(model, method: MethodSection):
     if method.kind not in ("lora", "dora"):
         raise FtkitError(f"method.kind = {method.kind!r} is not available on the torch backend yet (lora, dora, prompt, full are).")
     modules = targets.select(list(linear_shapes(model)), method, num_layers(model))
-    target_modules, layers = adapter_layout.target_spec(modules)
+    target_modules, layers = adapter_layout.target_spec(modules, num_layers(model))
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM, r=method.rank, lora_alpha=method.alpha, lora_dropout=method.dropout,
         target_modules=target_modules, layers_to_transform=layers, use_dora=method.kind == "dora",

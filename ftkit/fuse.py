@@ -1,0 +1,48 @@
+"""Merge an adapter into its base model and write a plain Hugging Face model folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ftkit import adapter as adapter_format
+from ftkit import adapter_layout
+from ftkit.checkpoint import atomic_dir
+from ftkit.errors import FtkitError
+
+
+def base_model_of(adapter: Path) -> str | None:
+    """The base an adapter records: ftkit.json's, else PEFT's base_model_name_or_path."""
+    meta = adapter_format.read_meta(adapter) or {}
+    path = meta.get("base_model", {}).get("path")
+    if path:
+        return path
+    return adapter_layout.read_config(adapter).get("base_model_name_or_path")
+
+
+def fuse(adapter: Path, out: Path, *, model: str | None, backend_name: str, dequantize: bool, force: bool) -> dict:
+    from ftkit.convert import resolve_model
+    from ftkit.evaluation import load_for_inference
+    from ftkit.loop import load_tokenizer
+    from ftkit.recipe import build_recipe
+
+    adapter = adapter_layout.resolve(adapter)
+    model = model or base_model_of(adapter)
+    if not model:
+        raise FtkitError(f"{adapter} does not record its base model; pass --model.")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise FtkitError(f"{out} already exists and is not empty; pass --force to replace it, or choose another --out.")
+    model_path = resolve_model(model)
+    tokenizer = load_tokenizer(model_path)
+    recipe = build_recipe({"model": {"path": str(model_path)}, "data": {"path": "-"}}, "--model", check_paths=False)
+    backend = load_for_inference(recipe, backend_name, adapter, model_path, tokenizer)
+    with atomic_dir(out) as tmp:
+        backend.fuse(tmp, dequantize)
+        tokenizer.save_pretrained(tmp)
+        adapter_format.write_meta(tmp, {
+            "backend": backend.name, "method": "fused",
+            "fused_from": {"adapter": str(adapter), "adapter_meta": adapter_format.read_meta(adapter)},
+            "base_model": {"path": model, "fingerprint": adapter_format.fingerprint_model(model_path)},
+            "dequantized": dequantize,
+        })
+    return {"model": str(out), "backend": backend.name, "base_model": model, "adapter": str(adapter)}
