@@ -188,6 +188,9 @@ class Trainer:
         info = self.backend.describe()
         self._write_recipe()
         self._say(self._banner(info, resume_ckpt))
+        unused = self._other_backend_keys()
+        if unused:
+            console().print(f"note: not used on {self.backend.name}: {unused}")
 
         if state["step"] == 0 and recipe.train.eval_before and splits.valid:
             loss = evaluate(self.backend, splits.valid, recipe.train.batch_size, self.pad_id, sched.val_batches)
@@ -284,6 +287,14 @@ class Trainer:
         if found is None:
             raise FtkitError(f"--resume {resume}: no complete checkpoint there (a folder with {ckpt.STATE_FILE}).")
         return found
+
+    def _other_backend_keys(self) -> str:
+        """Non-default keys of the other backend's section: kept in the recipe (the same file runs on
+        both machines) but said out loud, never silently dropped."""
+        other = "mlx" if self.backend.name == "torch" else "torch"
+        section = getattr(self.recipe, other)
+        defaults = type(section)()
+        return ", ".join(f"{other}.{k} = {v!r}" for k, v in section if v != getattr(defaults, k))
 
     def _write_recipe(self) -> None:
         ckpt.write_text_atomic(self.run_dir / "recipe.toml", self.recipe.to_toml())

@@ -69,7 +69,8 @@ def build_tiny_llama(dest: Path, seed: int = 0, hidden: int = 64, layers: int = 
     return dest
 
 
-def recipe_file(tmp_path: Path, model: Path, data: Path, name: str = "r", **sections) -> Path:
+def recipe_file(tmp_path: Path, model: Path, data: Path, /, name: str = "r", **sections) -> Path:
+    """A recipe file for a tiny-model test run; `sections` override keys (model=..., train=..., ...)."""
     body = {
         "model": {"path": str(model)},
         "method": {"kind": "lora", "rank": 4, "alpha": 8, "dropout": 0.0},

@@ -81,6 +81,7 @@ class MlxBackend:
         self.tuned.train(train)
         if train:
             self.optimizer = mlx_optim.build(recipe.train)
+            self._reseed()
         mx.eval(self.tuned.parameters())
 
     def _refuse_unsupported(self, recipe: Recipe) -> None:
@@ -160,7 +161,17 @@ class MlxBackend:
         self.optimizer.learning_rate = lr
         self.optimizer.update(self.tuned, grads)
         mx.eval(self.tuned.trainable_parameters(), self.optimizer.state)
+        self._reseed()
         return {"grad_norm": norm.item()}
+
+    def _reseed(self) -> None:
+        """Dropout's randomness for the next step, as a function of (seed, step).
+
+        MLX's global generator state cannot be written back, so instead of saving it, a resumed run
+        reseeds from the step it resumes at and draws exactly what the uninterrupted run drew.
+        """
+        step = int(self.optimizer.state["step"].item()) if "step" in self.optimizer.state else 0
+        mx.random.seed(int(np.random.SeedSequence([self.recipe.train.seed, step]).generate_state(1)[0]))
 
     def eval_loss(self, batch: Batch) -> float:
         was_training = self.tuned.training
@@ -226,10 +237,9 @@ class MlxBackend:
     def save_state(self, dest: Path) -> None:
         state = dict(tree_flatten(self.optimizer.state))
         mx.save_safetensors(str(dest / "mlx_optimizer.safetensors"), state)
-        np.save(dest / "mlx_rng.npy", np.array(mx.random.state[0]))
 
     def load_state(self, src: Path) -> None:
         state = mx.load(str(src / "mlx_optimizer.safetensors"))
         self.optimizer.init(self.tuned.trainable_parameters())
         self.optimizer.state = tree_unflatten(list(state.items()))
-        mx.random.state[0] = mx.array(np.load(src / "mlx_rng.npy"))
+        self._reseed()
