@@ -187,3 +187,33 @@ def test_cli_generate_and_fuse_on_mlx(tmp_path, tiny_model_dir, small_data):
     assert (tmp_path / "f" / "model.safetensors").exists() and (tmp_path / "f" / "tokenizer.json").exists()
     out = cli.invoke(app, ["fuse", "--adapter", str(res.adapter), "--out", str(tmp_path / "f"), "--backend", "mlx", "--json"])
     assert out.exit_code == 2 and "--force" in json.loads(out.stdout)["error"]
+
+
+# ---------------------------------------------------------------- soft prompts
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_soft_prompt_starts_from_the_init_text_embeddings(tmp_path, tiny_model_dir, small_data, tokenizer, backend):
+    pytest.importorskip("torch")
+    text = "SELECT the answer"
+    p = recipe_file(tmp_path, tiny_model_dir, small_data, method={"kind": "prompt", "num_virtual_tokens": 7, "prompt_init_text": text})
+    run(p, backend=backend, stop_after=0)  # writes the step-0 checkpoint: the adapter as initialised
+    start = adapter(tmp_path / "run-r" / "checkpoints" / "step-000000" / "adapter")["prompt_embeddings"]
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    ids = (ids * 7)[:7]
+    table = read_safetensors(tiny_model_dir / "model.safetensors")["model.embed_tokens.weight"]
+    np.testing.assert_allclose(start, table[ids], atol=1e-7)
+
+
+def test_prompt_training_continues_from_a_prompt_adapter(tmp_path, tiny_model_dir, small_data):
+    from ftkit.evaluation import evaluate_split
+
+    first = run(recipe_file(tmp_path, tiny_model_dir, small_data, name="a", method={"kind": "prompt", "num_virtual_tokens": 5},
+                            train={"iters": 3, "save_every": 3, "lr": 3e-2}))
+    p = recipe_file(tmp_path, tiny_model_dir, small_data, name="b", method={"kind": "prompt", "num_virtual_tokens": 5, "resume_from": str(first.adapter)},
+                    train={"iters": 2, "save_every": 2, "val_batches": 4})
+    second = run(p)
+    (recipe,) = load_recipes([p])
+    assert second.first_valid_loss == pytest.approx(evaluate_split(recipe, "mlx", first.adapter, "valid")["loss"], rel=1e-5)
+    wrong = recipe_file(tmp_path, tiny_model_dir, small_data, name="c", method={"kind": "prompt", "num_virtual_tokens": 9, "resume_from": str(first.adapter)})
+    with pytest.raises(FtkitError, match="5 virtual tokens, but the recipe's method.num_virtual_tokens is 9"):
+        run(wrong)
