@@ -187,6 +187,11 @@ def test_cli_generate_and_fuse_on_mlx(tmp_path, tiny_model_dir, small_data):
     assert (tmp_path / "f" / "model.safetensors").exists() and (tmp_path / "f" / "tokenizer.json").exists()
     out = cli.invoke(app, ["fuse", "--adapter", str(res.adapter), "--out", str(tmp_path / "f"), "--backend", "mlx", "--json"])
     assert out.exit_code == 2 and "--force" in json.loads(out.stdout)["error"]
+    out = cli.invoke(app, ["convert", str(tiny_model_dir), "--quantize", "8", "--group-size", "32", "--out", str(tmp_path / "q8"), "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads((tmp_path / "q8" / "config.json").read_text())["quantization"]["bits"] == 8
+    out = cli.invoke(app, ["convert", str(tiny_model_dir), "--json"])
+    assert out.exit_code == 2 and "--quantize" in json.loads(out.stdout)["error"]
 
 
 # ---------------------------------------------------------------- soft prompts

@@ -202,3 +202,23 @@ def test_data_order_is_a_seeded_stream():
     assert sorted(a[:10]) == list(range(10)) and sorted(a[10:20]) == list(range(10))  # each epoch once
     assert micro_batch_indices(10, 3, 13, 5) == a[13:18]  # resumable from any position
     assert micro_batch_indices(10, 4, 0, 10) != a[:10]
+
+
+def test_trains_without_mlx_installed(tmp_path, tiny_model_dir, small_data):
+    """A GPU pod with only `ftkit[torch]`: nothing on the torch path imports mlx."""
+    import os
+    import subprocess
+    import sys
+
+    from builders import REPO
+
+    p = recipe_file(tmp_path, tiny_model_dir, small_data, train={"iters": 2, "save_every": 2})
+    code = (
+        "import sys; sys.modules['mlx'] = None; sys.modules['mlx_lm'] = None\n"
+        "from ftkit.cli import main; sys.argv = ['ftkit', 'train', sys.argv[1], '--backend', 'torch', '--json']; main()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'backends'}"}
+    out = subprocess.run([sys.executable, "-c", code, str(p)], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["backend"] == "torch" and result["steps"] == 2
