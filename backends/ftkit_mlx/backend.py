@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ftkit import adapter_layout, targets
 from ftkit.backend import Batch
-from ftkit.errors import AdapterMismatchError, FtkitError
+from ftkit.errors import FtkitError
 from ftkit.recipe import Recipe
 from ftkit_mlx import methods, model_io
 from ftkit_mlx import optim as mlx_optim
@@ -225,6 +225,8 @@ class MlxBackend:
 
         if self.kind == "prompt":
             raise FtkitError("a soft prompt cannot be merged into the weights; use the adapter with --adapter instead.")
+        if self.kind == "full":
+            raise FtkitError("this model carries no adapter (method.kind = 'full'): it is already a plain model folder.")
         model = self.tuned.model
         methods.fuse_lora(model, dequantize)
         config = dict(self.config)
