@@ -29,7 +29,7 @@ class ModelSection(Section):
     path: str = Field(description="Hub id, local model folder, or a .gguf file (converted once and cached).")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     quantize: Literal["none", "nf4", "fp4", "int8", "4bit", "8bit"] = Field(
-        "none", description="Quantize the base on load (torch: bitsandbytes nf4/fp4/int8; mlx: 4bit/8bit)."
+        "none", description="Quantize the base on load: 4bit/8bit on MLX (group size: mlx.quantize_group_size); nf4/fp4/int8 (bitsandbytes) on torch is planned."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weight dtype; auto = float32 on CPU, bfloat16 on GPUs that support it."
@@ -38,7 +38,9 @@ class ModelSection(Section):
 
 
 class MethodSection(Section):
-    kind: Literal["lora", "dora", "full", "prompt", "prefix"] = Field("lora", description="Training method.")
+    kind: Literal["lora", "dora", "full", "prompt", "prefix"] = Field(
+        "lora", description="lora | dora | prompt (soft prompt) | full; prefix is planned for torch."
+    )
     rank: int = Field(8, ge=1, description="LoRA/DoRA rank r.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")

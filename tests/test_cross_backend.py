@@ -127,7 +127,7 @@ def test_the_two_adapter_folders_hold_the_same_tensors(trained):
         assert sorted(cfg_t.get("target_modules") or []) == sorted(cfg_m.get("target_modules") or [])
 
 
-@pytest.mark.parametrize("kind", ["lora", "prompt"])
+@pytest.mark.parametrize("kind", METHODS)
 def test_eval_of_one_adapter_agrees_to_4_significant_digits(trained, kind):
     res, _, recipe_path = trained[kind, "mlx"]
     (recipe,) = load_recipes([recipe_path])
