@@ -102,7 +102,7 @@ def check_method(adapter: Path, kind: str, rank: int | None = None, n_virtual: i
         raise AdapterMismatchError(f"{adapter} is a {found} adapter, but the recipe's method.kind is {kind!r}.")
     if rank is not None and kind in ("lora", "dora") and cfg.get("r") != rank:
         raise AdapterMismatchError(f"{adapter} has rank {cfg.get('r')}, but the recipe's method.rank is {rank}.")
-    if kind == "prompt" and n_virtual is not None and cfg.get("num_virtual_tokens") != n_virtual:
+    if kind in ("prompt", "prefix") and n_virtual is not None and cfg.get("num_virtual_tokens") != n_virtual:
         raise AdapterMismatchError(
             f"{adapter} has {cfg.get('num_virtual_tokens')} virtual tokens, but the recipe's method.num_virtual_tokens is {n_virtual}."
         )

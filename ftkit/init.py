@@ -39,7 +39,8 @@ def draw(tensors: dict[str, np.ndarray], seed: int, prompt_rows: Callable[[], np
 
     LoRA A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming-uniform with a = sqrt(5), and mlx-lm's
     bound), B = 0 so training starts at the base model; a DoRA magnitude is the base weight's row norm,
-    which both backends compute the same, so it is kept; a soft prompt takes `prompt_rows()`.
+    which both backends compute the same, so it is kept; a soft prompt takes `prompt_rows()`; a
+    prefix (no `prompt_rows`) is drawn from N(0, 1).
     """
     out = {}
     for name, value in tensors.items():
@@ -50,6 +51,8 @@ def draw(tensors: dict[str, np.ndarray], seed: int, prompt_rows: Callable[[], np
             out[name] = np.zeros(value.shape, np.float32)
         elif name == "prompt_embeddings" and prompt_rows is not None:
             out[name] = np.asarray(prompt_rows(), np.float32).reshape(value.shape)
+        elif name == "prompt_embeddings":  # a prefix: keys and values for every layer, N(0, 1) as PEFT draws them
+            out[name] = _rng(seed, name).standard_normal(value.shape).astype(np.float32)
         else:
             out[name] = value
     return out

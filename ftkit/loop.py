@@ -260,7 +260,7 @@ class Trainer:
         """Same recipe and seed, same starting adapter, whichever backend trains it."""
         method, seed = self.recipe.method, self.recipe.train.seed
         rows = lambda: self.backend.embedding_rows(init.prompt_init_ids(method, self.prep.tokenizer, seed))  # noqa: E731
-        self.backend.set_adapter_tensors(init.draw(self.backend.adapter_tensors(), seed, rows))
+        self.backend.set_adapter_tensors(init.draw(self.backend.adapter_tensors(), seed, rows if method.kind == "prompt" else None))
 
     def _step_batches(self, position: int) -> list[Batch]:
         train = self.recipe.train

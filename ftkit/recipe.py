@@ -29,7 +29,7 @@ class ModelSection(Section):
     path: str = Field(description="Hub id, local model folder, or a .gguf file (converted once and cached).")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     quantize: Literal["none", "nf4", "fp4", "int8", "4bit", "8bit"] = Field(
-        "none", description="Quantize the base on load: 4bit/8bit on MLX (group size: mlx.quantize_group_size); nf4/fp4/int8 (bitsandbytes) on torch is planned."
+        "none", description="Quantize the base on load: nf4/fp4/int8 through bitsandbytes on torch (4bit/8bit mean nf4/int8 there); 4bit/8bit on MLX (group size: mlx.quantize_group_size)."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weight dtype; auto = float32 on CPU, bfloat16 on GPUs that support it."
@@ -133,7 +133,8 @@ class TorchSection(Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass.")
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = Field("auto", description="Attention kernel.")
     compile: bool = Field(False, description="torch.compile the model.")
-    distributed: Literal["none", "ddp", "fsdp"] = Field("none", description="Multi-process training (through accelerate).")
+    distributed: Literal["none", "ddp", "fsdp"] = Field("none", description="Multi-process training (through accelerate; planned).")
+    double_quant: bool = Field(True, description="QLoRA (nf4/fp4): quantize the quantization constants too (bitsandbytes double quantization).")
 
 
 class MlxSection(Section):

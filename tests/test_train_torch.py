@@ -222,3 +222,70 @@ def test_trains_without_mlx_installed(tmp_path, tiny_model_dir, small_data):
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["backend"] == "torch" and result["steps"] == 2
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "fp4", "int8"])
+def test_qlora_trains_on_a_bitsandbytes_base(tmp_path, tiny_model_dir, small_data, quantize):
+    pytest.importorskip("bitsandbytes")
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+    p = recipe_file(tmp_path, tiny_model_dir, small_data, model={"quantize": quantize}, train={"iters": 6, "save_every": 6, "lr": 1e-2})
+    trainer = trainer_for(p)
+    res = trainer.run()
+    assert res.info["quantization"].startswith(quantize)
+    layer = trainer.backend.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    assert type(layer).__name__ == ("Linear8bitLt" if quantize == "int8" else "Linear4bit")
+    assert res.last_valid_loss < res.first_valid_loss - 0.05
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd", "adafactor", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "paged_lion_8bit"])
+def test_every_optimizer_steps(tmp_path, tiny_model_dir, small_data, optimizer):
+    if optimizer not in ("adamw", "adam", "sgd", "adafactor"):
+        pytest.importorskip("bitsandbytes")
+    p = recipe_file(tmp_path, tiny_model_dir, small_data, train={"iters": 3, "save_every": 3, "optimizer": optimizer, "lr": 1e-2})
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        res = trainer_for(p).run()
+    paged_notes = [w for w in seen if "pages state to the CPU" in str(w.message)]
+    assert len(paged_notes) == (1 if optimizer.startswith("paged") and not torch.cuda.is_available() else 0)
+    b = [v for k, v in adapter_tensors(res.adapter).items() if "lora_B" in k]
+    assert all(np.isfinite(v).all() for v in b) and any(np.abs(v).max() > 0 for v in b)
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_prompt_and_prefix_adapters_reload_in_plain_peft(tmp_path, tiny_model_dir, small_data, kind):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    p = recipe_file(tmp_path, tiny_model_dir, small_data, method={"kind": kind, "num_virtual_tokens": 6}, train={"iters": 4, "save_every": 4, "lr": 3e-2})
+    trainer = trainer_for(p)
+    res = trainer.run()
+    cfg = json.loads((res.adapter / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == {"prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING"}[kind]
+    ids = torch.tensor([list(range(5, 40))])
+    be = trainer.backend
+    be.model.eval()
+    with torch.no_grad():
+        ours = be.model(input_ids=ids).logits[:, be.n_virtual:]
+        plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(res.adapter)).eval()
+        theirs = plain(input_ids=ids).logits[:, be.n_virtual:]
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(input_ids=ids).logits
+    assert ours.shape == base.shape
+    assert (ours - theirs).abs().max() <= 1e-5
+    assert (ours - base).abs().max() > 1e-2  # the adapter changes the output
+    assert res.last_valid_loss < res.first_valid_loss
+    # and through ftkit's own inference path: greedy generation reuses the cache the virtual tokens started
+    from ftkit.evaluation import load_for_inference
+    from ftkit.generate import Sampling, generate
+    from ftkit.loop import load_tokenizer
+
+    (recipe,) = load_recipes([p])
+    again = load_for_inference(recipe, "torch", res.adapter, tiny_model_dir, load_tokenizer(tiny_model_dir))
+    prompt = list(range(5, 40))
+    tokens = list(generate(again, prompt, 4, Sampling(), set()))
+    with torch.no_grad():
+        full = plain.generate(input_ids=torch.tensor([prompt]), max_new_tokens=4, do_sample=False)[0, len(prompt):].tolist()
+    assert tokens == full

@@ -35,9 +35,8 @@ def _refuse_unsupported(recipe: Recipe, model_path: Path) -> None:
     """Keys this backend cannot honour are errors, never silently dropped."""
     import json
 
-    if recipe.model.quantize != "none":
-        raise FtkitError(f"model.quantize = '{recipe.model.quantize}' is not available on the torch backend yet; "
-                         "use --backend mlx (4bit/8bit) or model.quantize = 'none'.")
+    if recipe.torch.distributed != "none":
+        raise FtkitError(f"torch.distributed = '{recipe.torch.distributed}' is not available yet; set it to 'none' (one process).")
     cfg_file = model_path / "config.json"
     cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
     if "quantization" in cfg and "quant_method" not in (cfg.get("quantization_config") or {}):
@@ -45,10 +44,34 @@ def _refuse_unsupported(recipe: Recipe, model_path: Path) -> None:
                          f"{cfg['quantization'].get('bits')} bits), which torch cannot load: use --backend mlx, or train on the unquantized model.")
 
 
-def _virtual_tokens(model) -> int:
-    """How many soft-prompt positions PEFT prepends to every sequence (0 for other methods)."""
+def _virtual_tokens(model) -> tuple[int, bool]:
+    """(soft-prompt positions PEFT prepends to the logits, whether PEFT adds virtual tokens at all).
+
+    A soft prompt is prepended to the input; a prefix lives in the attention cache, so the logits
+    keep their length.
+    """
     config = getattr(model, "peft_config", {}).get("default")
-    return int(config.num_virtual_tokens) if config is not None and config.is_prompt_learning else 0
+    if config is None or not config.is_prompt_learning:
+        return 0, False
+    return (int(config.num_virtual_tokens) if config.peft_type.value != "PREFIX_TUNING" else 0), True
+
+
+def quantization_label(recipe: Recipe) -> str:
+    q = {"4bit": "nf4", "8bit": "int8"}.get(recipe.model.quantize, recipe.model.quantize)
+    return q + (", double quantization" if q != "int8" and recipe.torch.double_quant else "")
+
+
+def quantization_config(recipe: Recipe, compute_dtype: torch.dtype):
+    """bitsandbytes settings for model.quantize; 4bit/8bit (MLX's spelling) mean nf4/int8 here."""
+    from transformers import BitsAndBytesConfig
+
+    q = {"4bit": "nf4", "8bit": "int8"}.get(recipe.model.quantize, recipe.model.quantize)
+    if q == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    # Storage in the compute dtype, not uint8, so that FSDP can flatten and shard the 4-bit weights
+    # with the rest (bitsandbytes#1092, peft#2505).
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q, bnb_4bit_use_double_quant=recipe.torch.double_quant,
+                              bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=compute_dtype)
 
 
 class TorchBackend:
@@ -87,16 +110,26 @@ class TorchBackend:
         kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": recipe.model.trust_remote_code}
         if cfg.attn_implementation != "auto":
             kwargs["attn_implementation"] = cfg.attn_implementation
+        quantized = recipe.model.quantize != "none"
+        if quantized:
+            kwargs["quantization_config"] = quantization_config(recipe, self.autocast_dtype or torch.float32)
+            kwargs["device_map"] = {"": str(self.device)}  # bitsandbytes quantizes as the weights reach the device
         torch.manual_seed(recipe.train.seed)
         model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
         model.config.use_cache = False
+        if quantized and train:
+            from peft import prepare_model_for_kbit_training
+
+            # norms and other small weights in fp32, input gradients on: PEFT's recipe for QLoRA
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
         model = attach_method(model, recipe.method, adapter=adapter, train=train)
-        self.n_virtual = _virtual_tokens(model)
+        self.n_virtual, self.prompt_learning = _virtual_tokens(model)
         if train and cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(model, "enable_input_require_grads"):
                 model.enable_input_require_grads()
-        self.model = model.to(self.device)
+        self.model = model if quantized else model.to(self.device)
         if cfg.compile:
             self.model = torch.compile(self.model)
         self.model.train(train)
@@ -113,6 +146,7 @@ class TorchBackend:
             "total_params": total,
             "gradient_checkpointing": self.recipe.torch.gradient_checkpointing,
             "torch": torch.__version__,
+            **({"quantization": f"{quantization_label(self.recipe)} (bitsandbytes)"} if self.recipe.model.quantize != "none" else {}),
         }
 
     # ------------------------------------------------------------------ math
@@ -156,8 +190,8 @@ class TorchBackend:
     def next_logits(self, new_ids: list[int], state: Any | None) -> tuple[np.ndarray, Any]:
         self.model.eval()
         ids = torch.tensor([new_ids], device=self.device)
-        # A soft prompt is prepended once; later tokens extend its cache through the base model.
-        model = self.model.base_model if (self.n_virtual and state is not None) else self.model
+        # A soft prompt or prefix is added once; later tokens extend its cache through the base model.
+        model = self.model.base_model if (self.prompt_learning and state is not None) else self.model
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             out = model(input_ids=ids, past_key_values=state, use_cache=True)
         return out.logits[0, -1].float().cpu().numpy(), out.past_key_values
@@ -197,7 +231,7 @@ class TorchBackend:
 
     def fuse(self, dest: Path, dequantize: bool) -> None:
         model = self._peft()
-        if self.n_virtual:
+        if self.prompt_learning:
             raise FtkitError("a soft prompt cannot be merged into the weights; use the adapter with --adapter instead.")
         merged = model.merge_and_unload()
         merged.config.use_cache = True

@@ -23,16 +23,16 @@ def linear_shapes(model) -> dict[str, tuple[int, int]]:
 
 
 def peft_config(model, method: MethodSection):
-    from peft import LoraConfig, PromptTuningConfig, TaskType
+    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
 
+    if method.kind == "prefix":
+        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=method.num_virtual_tokens)
     if method.kind == "prompt":
         cfg = model.config
         return PromptTuningConfig(
             task_type=TaskType.CAUSAL_LM, num_virtual_tokens=method.num_virtual_tokens, token_dim=cfg.hidden_size,
             num_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
         )
-    if method.kind not in ("lora", "dora"):
-        raise FtkitError(f"method.kind = {method.kind!r} is not available on the torch backend yet (lora, dora, prompt, full are).")
     modules = targets.select(list(linear_shapes(model)), method, num_layers(model))
     target_modules, layers = adapter_layout.target_spec(modules, num_layers(model))
     return LoraConfig(
@@ -48,8 +48,11 @@ def attach_method(model, method: MethodSection, *, adapter: Path | None, train: 
     from peft import PeftModel, get_peft_model
 
     if adapter is not None:
-        config, weights = adapter_layout.read_adapter(adapter)
-        adapter_layout.check_fits(adapter, weights, linear_shapes(model), model.config.hidden_size)
+        # A prefix is checked by PEFT as it loads (its width depends on layers x heads, not on a module).
+        is_prefix = adapter_layout.adapter_kind(adapter_layout.read_config(adapter)) == "prefix"
+        weights = None if is_prefix else adapter_layout.read_adapter(adapter)[1]
+        if weights is not None:
+            adapter_layout.check_fits(adapter, weights, linear_shapes(model), model.config.hidden_size)
         if isinstance(weights, adapter_layout.LoraAdapter) and train:
             wanted = targets.select(list(linear_shapes(model)), method, num_layers(model))
             adapter_layout.check_targets(adapter, weights.modules, wanted)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ftkit.errors import FtkitError
 from ftkit.recipe import TrainSection
+
+# Paging moves optimizer state between GPU and CPU memory under pressure; on a CPU there is nothing
+# to page, so the same arithmetic runs unpaged.
+_UNPAGED = {"paged_adamw_8bit": "adamw_8bit", "paged_adamw_32bit": "adamw", "paged_lion_8bit": "lion_8bit"}
 
 
 def build_optimizer(model, train: TrainSection, device: torch.device) -> torch.optim.Optimizer:
@@ -18,10 +24,28 @@ def build_optimizer(model, train: TrainSection, device: torch.device) -> torch.o
     groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     betas = (train.beta1, train.beta2)
-    if train.optimizer in ("adamw", "adam"):
+    name = train.optimizer
+    if name in _UNPAGED and device.type != "cuda":
+        warnings.warn(f"train.optimizer = '{name}' pages state to the CPU under GPU memory pressure; on {device.type} "
+                      f"ftkit runs '{_UNPAGED[name]}' instead (the same update, unpaged).", stacklevel=2)
+        name = _UNPAGED[name]
+    if name in ("adamw", "adam"):
         return torch.optim.AdamW(groups, lr=train.lr, betas=betas, foreach=device.type == "cuda")
-    if train.optimizer == "sgd":
+    if name == "sgd":
         return torch.optim.SGD(groups, lr=train.lr, momentum=train.beta1)
-    raise FtkitError(
-        f"train.optimizer = {train.optimizer!r} is not available on the torch backend yet; use 'adamw' or 'sgd'."
-    )
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # An external LR (the core's schedule), as MLX's Adafactor is run: no relative step, no parameter scaling.
+        return Adafactor(groups, lr=train.lr, relative_step=False, scale_parameter=False, warmup_init=False)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise FtkitError(f"train.optimizer = '{name}' needs bitsandbytes: pip install bitsandbytes") from None
+
+    classes = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+               "paged_adamw_32bit": bnb.optim.PagedAdamW32bit, "paged_lion_8bit": bnb.optim.PagedLion8bit,
+               "lion_8bit": bnb.optim.Lion8bit}
+    if name not in classes:
+        raise FtkitError(f"train.optimizer = {name!r} is not available on the torch backend.")
+    return classes[name](groups, lr=train.lr, betas=betas)
