@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ftkit import __version__
+from ftkit.adapter_layout import adapter_kind, read_config
 from ftkit.checkpoint import write_json_atomic
 from ftkit.errors import AdapterMismatchError
 
@@ -94,8 +95,6 @@ def check_compatible(adapter: Path, model_fingerprint: str, tokenizer_fingerprin
 
 def check_method(adapter: Path, kind: str, rank: int | None = None, n_virtual: int | None = None) -> None:
     """Continuing training from an adapter must keep its method and rank, or say which differs."""
-    from ftkit.adapter_layout import adapter_kind, read_config
-
     cfg = read_config(adapter)
     found = adapter_kind(cfg)
     if found != kind:

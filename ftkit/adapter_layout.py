@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ftkit.errors import AdapterMismatchError
-from ftkit.targets import block_index
+from ftkit.targets import block_index, select
 from ftkit.tensors import read_safetensors, write_safetensors
 
 PEFT_PREFIX = "base_model.model."
@@ -301,3 +301,21 @@ def check_fits(adapter: Path, weights: LoraAdapter | PromptAdapter, linear_shape
                 f"{adapter}: {m} has lora_A {tuple(a)} and lora_B {tuple(b)}, but this model's {m} maps {in_dim} -> {out_dim}: "
                 "it was trained on a different base model."
             )
+
+
+def open_for(adapter: Path, linear_shapes: dict[str, tuple[int, int]], hidden: int, *, method=None,
+             num_layers: int | None = None) -> tuple[dict[str, Any], LoraAdapter | PromptAdapter | None]:
+    """Read an adapter for a loaded model and refuse it, naming why, if it does not fit.
+
+    With `method` (training continues from the adapter) the recipe must also target the same modules.
+    A prefix adapter comes back as (config, None): its width depends on layers x heads, not on one
+    module, so the library that loads it checks it.
+    """
+    config = read_config(adapter)
+    if adapter_kind(config) == "prefix":
+        return config, None
+    config, weights = read_adapter(adapter)
+    check_fits(adapter, weights, linear_shapes, hidden)
+    if method is not None and isinstance(weights, LoraAdapter):
+        check_targets(adapter, weights.modules, select(list(linear_shapes), method, num_layers))
+    return config, weights

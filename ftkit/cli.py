@@ -176,18 +176,12 @@ def generate(
     as_json: JsonOpt = False,
 ) -> None:
     """Generate from a base model, optionally with an adapter."""
-    from ftkit.convert import resolve_model
-    from ftkit.evaluation import load_for_inference
+    from ftkit.evaluation import open_model
     from ftkit.generate import Sampling
     from ftkit.generate import generate as run_generate
-    from ftkit.loop import load_tokenizer
-    from ftkit.recipe import build_recipe
 
     try:
-        model_path = resolve_model(model)
-        tok = load_tokenizer(model_path)
-        recipe = build_recipe({"model": {"path": str(model_path)}, "data": {"path": "-"}}, "--model", check_paths=False)
-        be = load_for_inference(recipe, backend, adapter, model_path, tok)
+        be, tok, _ = open_model(model, backend, adapter)
         if chat:
             ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
             ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)

@@ -36,6 +36,19 @@ def load_for_inference(recipe: Recipe, backend_name: str, adapter: Path | None, 
     return backend
 
 
+def open_model(model: str, backend_name: str, adapter: Path | None):
+    """A base model (hub id, folder or .gguf) with an optional adapter, loaded for inference outside a
+    recipe: (backend, tokenizer, model folder)."""
+    from ftkit.convert import resolve_model
+    from ftkit.loop import load_tokenizer
+    from ftkit.recipe import build_recipe
+
+    model_path = resolve_model(model)
+    tokenizer = load_tokenizer(model_path)
+    recipe = build_recipe({"model": {"path": str(model_path)}, "data": {"path": "-"}}, "--model", check_paths=False)
+    return load_for_inference(recipe, backend_name, adapter, model_path, tokenizer), tokenizer, model_path
+
+
 def evaluate_split(recipe: Recipe, backend_name: str, adapter: Path | None, split: str = "test") -> dict[str, Any]:
     from ftkit.loop import evaluate, prepare
 

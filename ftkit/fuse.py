@@ -20,10 +20,7 @@ def base_model_of(adapter: Path) -> str | None:
 
 
 def fuse(adapter: Path, out: Path, *, model: str | None, backend_name: str, dequantize: bool, force: bool) -> dict:
-    from ftkit.convert import resolve_model
-    from ftkit.evaluation import load_for_inference
-    from ftkit.loop import load_tokenizer
-    from ftkit.recipe import build_recipe
+    from ftkit.evaluation import open_model
 
     adapter = adapter_layout.resolve(adapter)
     model = model or base_model_of(adapter)
@@ -32,10 +29,7 @@ def fuse(adapter: Path, out: Path, *, model: str | None, backend_name: str, dequ
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise FtkitError(f"{out} already exists and is not empty; pass --force to replace it, or choose another --out.")
-    model_path = resolve_model(model)
-    tokenizer = load_tokenizer(model_path)
-    recipe = build_recipe({"model": {"path": str(model_path)}, "data": {"path": "-"}}, "--model", check_paths=False)
-    backend = load_for_inference(recipe, backend_name, adapter, model_path, tokenizer)
+    backend, tokenizer, model_path = open_model(model, backend_name, adapter)
     with atomic_dir(out) as tmp:
         backend.fuse(tmp, dequantize)
         tokenizer.save_pretrained(tmp)

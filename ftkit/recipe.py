@@ -39,7 +39,7 @@ class ModelSection(Section):
 
 class MethodSection(Section):
     kind: Literal["lora", "dora", "full", "prompt", "prefix"] = Field(
-        "lora", description="lora | dora | prompt (soft prompt) | full; prefix is planned for torch."
+        "lora", description="lora | dora | prompt (soft prompt) | prefix (torch only) | full."
     )
     rank: int = Field(8, ge=1, description="LoRA/DoRA rank r.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")

@@ -20,12 +20,6 @@ _DTYPES = {
 }
 
 
-def read_header(path: Path) -> dict:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n))
-
-
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     path = Path(path)
     try:

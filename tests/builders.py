@@ -89,3 +89,20 @@ def recipe_file(tmp_path: Path, model: Path, data: Path, /, name: str = "r", **s
     p = tmp_path / f"{name}.toml"
     p.write_text("\n".join(lines) + "\n")
     return p
+
+
+def train_hiding(recipe: Path, backend: str, hidden: list[str]) -> dict:
+    """`ftkit train RECIPE --backend B --json` in a fresh interpreter where the `hidden` packages
+    cannot be imported (as if not installed; transformers then sees them as absent too); its JSON result."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        f"import sys; sys.modules.update(dict.fromkeys({hidden!r}))\n"
+        f"from ftkit.cli import main; sys.argv = ['ftkit', 'train', sys.argv[1], '--backend', {backend!r}, '--json']; main()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'backends'}"}
+    out = subprocess.run([sys.executable, "-c", code, str(recipe)], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +11,7 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
 
-from builders import REPO, recipe_file  # noqa: E402
+from builders import recipe_file, train_hiding  # noqa: E402
 
 from ftkit.errors import FtkitError  # noqa: E402
 from ftkit.loop import Trainer, prepare  # noqa: E402
@@ -34,14 +31,7 @@ def adapter(folder: Path) -> dict[str, np.ndarray]:
 def test_trains_without_torch_installed(tmp_path, tiny_model_dir, small_data):
     """A Mac with only `ftkit[mlx]`: the whole run (tokenizer, data, MLX, adapter, plot) never needs torch."""
     p = recipe_file(tmp_path, tiny_model_dir, small_data, train={"iters": 2, "save_every": 2})
-    code = (
-        "import sys; sys.modules['torch'] = None\n"  # import torch fails; transformers sees no torch
-        "from ftkit.cli import main; sys.argv = ['ftkit', 'train', sys.argv[1], '--backend', 'mlx', '--json']; main()\n"
-    )
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'backends'}"}
-    out = subprocess.run([sys.executable, "-c", code, str(p)], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = train_hiding(p, "mlx", ["torch"])
     assert result["backend"] == "mlx" and result["steps"] == 2
     assert json.loads((Path(result["adapter"]) / "ftkit.json").read_text())["backend"] == "mlx"
 

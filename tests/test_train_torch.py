@@ -206,21 +206,10 @@ def test_data_order_is_a_seeded_stream():
 
 def test_trains_without_mlx_installed(tmp_path, tiny_model_dir, small_data):
     """A GPU pod with only `ftkit[torch]`: nothing on the torch path imports mlx."""
-    import os
-    import subprocess
-    import sys
-
-    from builders import REPO
+    from builders import train_hiding
 
     p = recipe_file(tmp_path, tiny_model_dir, small_data, train={"iters": 2, "save_every": 2})
-    code = (
-        "import sys; sys.modules['mlx'] = None; sys.modules['mlx_lm'] = None\n"
-        "from ftkit.cli import main; sys.argv = ['ftkit', 'train', sys.argv[1], '--backend', 'torch', '--json']; main()\n"
-    )
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'backends'}"}
-    out = subprocess.run([sys.executable, "-c", code, str(p)], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = train_hiding(p, "torch", ["mlx", "mlx_lm"])
     assert result["backend"] == "torch" and result["steps"] == 2
 
 

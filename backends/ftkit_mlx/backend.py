@@ -96,16 +96,14 @@ class MlxBackend:
 
     def _load_adapter(self, adapter: Path, train: bool) -> None:
         model = self.tuned.model
-        config, weights = adapter_layout.read_adapter(adapter)
-        kind = adapter_layout.adapter_kind(config)
-        adapter_layout.check_fits(adapter, weights, methods.linear_shapes(model), self.hidden)
-        self.kind = kind
+        config, weights = adapter_layout.open_for(adapter, methods.linear_shapes(model), self.hidden,
+                                                  method=self.recipe.method if train else None, num_layers=self.num_layers)
+        if weights is None:
+            raise FtkitError(f"{adapter} is a prefix-tuning adapter; the MLX backend has no prefix tuning (use --backend torch).")
+        self.kind = kind = adapter_layout.adapter_kind(config)
         if isinstance(weights, adapter_layout.PromptAdapter):
             self.tuned.add_prompt(mx.array(weights.embeddings))
             return
-        if train:
-            wanted = targets.select(list(methods.linear_shapes(model)), self.recipe.method, self.num_layers)
-            adapter_layout.check_targets(adapter, weights.modules, wanted)
         self.scale, self.dropout = weights.scale, weights.dropout
         ranks = {m: weights.rank(m) for m in weights.modules}
         methods.attach_lora(model, weights.modules, ranks, weights.scale, weights.dropout, kind == "dora")
@@ -215,7 +213,7 @@ class MlxBackend:
                                                int(self.config.get("num_attention_heads", 0)), base)
             adapter = adapter_layout.PromptAdapter(np.array(self.tuned.prompt_embeddings.astype(mx.float32)))
         else:
-            adapter = adapter_layout.parse_lora(self.adapter_tensors(), self.kind, self.scale, self.dropout, "adapter")
+            adapter = methods.lora_adapter(self.tuned, self.kind, self.scale, self.dropout)
             rank = adapter.rank(adapter.modules[0])
             cfg = adapter_layout.lora_config(self.kind, rank, self.scale * rank, self.dropout, adapter.modules, base, self.num_layers)
         adapter_layout.write_adapter(dest, cfg, adapter)

@@ -76,11 +76,15 @@ def lora_params(tuned: Tuned) -> dict[str, mx.array]:
     return {k[len("model."):]: v for k, v in tree_flatten(tuned.trainable_parameters()) if k.startswith("model.")}
 
 
+def lora_adapter(tuned: Tuned, kind: str, scale: float, dropout: float) -> adapter_layout.LoraAdapter:
+    native = {k: np.array(v.astype(mx.float32)) for k, v in lora_params(tuned).items()}
+    return adapter_layout.from_mlx(native, kind, scale, dropout)
+
+
 def to_common(tuned: Tuned, kind: str, scale: float, dropout: float) -> dict[str, np.ndarray]:
     if kind == "prompt":
         return {"prompt_embeddings": np.array(tuned.prompt_embeddings.astype(mx.float32))}
-    native = {k: np.array(v.astype(mx.float32)) for k, v in lora_params(tuned).items()}
-    return adapter_layout.lora_tensors(adapter_layout.from_mlx(native, kind, scale, dropout))
+    return adapter_layout.lora_tensors(lora_adapter(tuned, kind, scale, dropout))
 
 
 def from_common(tuned: Tuned, kind: str, tensors: dict[str, np.ndarray]) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.optimizers as optim
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 from ftkit.errors import FtkitError
 from ftkit.recipe import TrainSection
@@ -45,6 +45,4 @@ def apply_weight_decay(train: TrainSection, params: dict, grads: dict, lr: float
 
 
 def global_norm(grads: dict) -> mx.array:
-    from mlx.utils import tree_flatten
-
     return mx.sqrt(sum(mx.sum(mx.square(g.astype(mx.float32))) for _, g in tree_flatten(grads)))

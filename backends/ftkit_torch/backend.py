@@ -56,16 +56,20 @@ def _virtual_tokens(model) -> tuple[int, bool]:
     return (int(config.num_virtual_tokens) if config.peft_type.value != "PREFIX_TUNING" else 0), True
 
 
+def bnb_kind(recipe: Recipe) -> str:
+    """model.quantize in bitsandbytes' terms: 4bit/8bit (MLX's spelling) mean nf4/int8 here."""
+    return {"4bit": "nf4", "8bit": "int8"}.get(recipe.model.quantize, recipe.model.quantize)
+
+
 def quantization_label(recipe: Recipe) -> str:
-    q = {"4bit": "nf4", "8bit": "int8"}.get(recipe.model.quantize, recipe.model.quantize)
+    q = bnb_kind(recipe)
     return q + (", double quantization" if q != "int8" and recipe.torch.double_quant else "")
 
 
 def quantization_config(recipe: Recipe, compute_dtype: torch.dtype):
-    """bitsandbytes settings for model.quantize; 4bit/8bit (MLX's spelling) mean nf4/int8 here."""
     from transformers import BitsAndBytesConfig
 
-    q = {"4bit": "nf4", "8bit": "int8"}.get(recipe.model.quantize, recipe.model.quantize)
+    q = bnb_kind(recipe)
     if q == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     # Storage in the compute dtype, not uint8, so that FSDP can flatten and shard the 4-bit weights

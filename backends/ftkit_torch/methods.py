@@ -33,8 +33,8 @@ def peft_config(model, method: MethodSection):
             task_type=TaskType.CAUSAL_LM, num_virtual_tokens=method.num_virtual_tokens, token_dim=cfg.hidden_size,
             num_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
         )
-    modules = targets.select(list(linear_shapes(model)), method, num_layers(model))
-    target_modules, layers = adapter_layout.target_spec(modules, num_layers(model))
+    n = num_layers(model)
+    target_modules, layers = adapter_layout.target_spec(targets.select(list(linear_shapes(model)), method, n), n)
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM, r=method.rank, lora_alpha=method.alpha, lora_dropout=method.dropout,
         target_modules=target_modules, layers_to_transform=layers, use_dora=method.kind == "dora",
@@ -48,14 +48,8 @@ def attach_method(model, method: MethodSection, *, adapter: Path | None, train: 
     from peft import PeftModel, get_peft_model
 
     if adapter is not None:
-        # A prefix is checked by PEFT as it loads (its width depends on layers x heads, not on a module).
-        is_prefix = adapter_layout.adapter_kind(adapter_layout.read_config(adapter)) == "prefix"
-        weights = None if is_prefix else adapter_layout.read_adapter(adapter)[1]
-        if weights is not None:
-            adapter_layout.check_fits(adapter, weights, linear_shapes(model), model.config.hidden_size)
-        if isinstance(weights, adapter_layout.LoraAdapter) and train:
-            wanted = targets.select(list(linear_shapes(model)), method, num_layers(model))
-            adapter_layout.check_targets(adapter, weights.modules, wanted)
+        adapter_layout.open_for(adapter, linear_shapes(model), model.config.hidden_size,
+                                method=method if train else None, num_layers=num_layers(model))
         try:
             return PeftModel.from_pretrained(model, str(adapter), is_trainable=train)
         except (RuntimeError, ValueError, KeyError) as e:
