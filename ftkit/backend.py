@@ -2,7 +2,7 @@
 
 The core owns everything that is not tensor math. A backend loads a model, attaches the method's
 trainable parameters on the modules `ftkit.targets.select` picks (the core then sets their initial
-values, from `ftkit.init.draw`), runs forward/backward on a `Batch`, steps the optimizer at the LR
+values, from `ftkit.init.draw`), wraps it for several processes, runs forward/backward on a `Batch`, steps the optimizer at the LR
 the core gives it, evaluates, yields next-token logits for the core's sampler, and saves/loads
 adapter tensors in the common layout and its own optimizer/RNG state.
 """
@@ -56,11 +56,20 @@ class Backend(Protocol):
     def describe(self) -> dict[str, Any]:
         """What the run log and ftkit.json record: device, dtype, precision, parameter counts."""
 
+    def start_training(self) -> None:
+        """Called once the starting adapter values are set: wrap for DDP/FSDP, make the optimizer."""
+
     def forward_backward(self, batch: Batch, scale: float) -> float:
         """Accumulate gradients of `scale * sum(target-token losses)`; return the unscaled sum."""
 
     def optimizer_step(self, lr: float) -> dict[str, float]:
         """Clip, step at `lr`, zero the gradients; return e.g. {"grad_norm": ...}."""
+
+    def reduce_sum(self, values: list[float]) -> list[float]:
+        """Sum each value over the run's processes (the values themselves when there is one)."""
+
+    def barrier(self) -> None:
+        """Wait for every process of the run (nothing when there is one)."""
 
     def eval_loss(self, batch: Batch) -> float:
         """Sum of target-token losses, no gradients."""

@@ -15,10 +15,13 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from ftkit.distributed import World, shared_dir_check
+from ftkit.errors import FtkitError
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 STATE_FILE = "trainer_state.json"
@@ -39,17 +42,34 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 @contextmanager
-def atomic_dir(dest: Path) -> Iterator[Path]:
-    """Yield a temporary folder; on success it replaces `dest` in one rename, on failure it is removed."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+def atomic_dir(dest: Path, world: World | None = None, sync: Callable[[], None] | None = None) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces `dest` in one rename, on failure it is removed.
+
+    In a multi-process run every process writes its part into the same temporary folder: rank 0
+    makes it and renames it, `sync` (a barrier) keeps the others between those two moments.
+    """
+    shared = world is not None and world.size > 1
+    tmp = dest.with_name(f".{dest.name}.tmp-{'shared' if shared else os.getpid()}")
+    if not shared or world.is_main:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    if shared:
+        sync()
+        problem = shared_dir_check(tmp)
+        if problem:
+            raise FtkitError(problem)
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not shared or world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if shared:
+        sync()
+        if not world.is_main:
+            sync()
+            return
     if dest.exists():
         # Two renames: the old folder stays whole until the new one is in place.
         old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
@@ -58,6 +78,8 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, dest)
+    if shared:
+        sync()
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:

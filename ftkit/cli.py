@@ -82,6 +82,7 @@ def train(
     resume: Annotated[Optional[str], typer.Option(help="'auto': continue from the newest complete checkpoint in the run folder (a no-op for a fresh folder); or a checkpoint/run folder.")] = None,
     set_: SetOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate, read the data, print the schedule's step counts; load no model.")] = False,
+    stop_after: Annotated[Optional[int], typer.Option("--stop-after", min=0, help="Stop after this step with a checkpoint (a time-limited job slot); --resume auto goes on from it.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train: LoRA, DoRA, soft prompt or full fine-tuning, as the recipe says."""
@@ -103,9 +104,13 @@ def train(
             return
         from ftkit.loop import run_stages
 
-        results = run_stages(stages, backend, resume=resume, quiet=as_json)
+        results = run_stages(stages, backend, resume=resume, quiet=as_json, stop_after=stop_after)
     except FtkitError as e:
         _fail(e, as_json)
+    from ftkit.distributed import current
+
+    if not current().is_main:
+        return  # the first process reports for the run
     last = results[-1]
     if as_json:
         _emit({"adapter": str(last.adapter), "run_dir": str(last.run_dir), "backend": last.backend,
@@ -117,7 +122,65 @@ def train(
     for r in results:
         first = f"{r.first_valid_loss:.4f}" if r.first_valid_loss is not None else "-"
         lastv = f"{r.last_valid_loss:.4f}" if r.last_valid_loss is not None else "-"
-        console().print(f"[green]done[/] {r.name}: {r.steps} steps in {r.seconds:.0f} s, validation loss {first} -> {lastv}; adapter: {r.adapter}")
+        if r.steps < r.total_steps:
+            ckpt = r.run_dir / "checkpoints"
+            console().print(f"[yellow]stopped[/] {r.name} after step {r.steps} of {r.total_steps}; checkpoint in {ckpt}: "
+                            "run again with --resume auto to go on")
+        else:
+            console().print(f"[green]done[/] {r.name}: {r.steps} steps in {r.seconds:.0f} s, validation loss {first} -> {lastv}; adapter: {r.adapter}")
+
+
+@app.command()
+def launch(
+    recipes: Annotated[list[Path], typer.Argument(help="Recipe file(s), as for `ftkit train`.")],
+    nproc_per_node: Annotated[int, typer.Option("--nproc-per-node", min=1, help="Processes on this node: one per GPU.")] = 1,
+    nnodes: Annotated[int, typer.Option("--nnodes", min=1, help="Nodes (machines) in the job.")] = 1,
+    node_rank: Annotated[int, typer.Option("--node-rank", min=0, help="This node's index, 0 .. nnodes-1; node 0 hosts the rendezvous.")] = 0,
+    main_address: Annotated[str, typer.Option("--main-address", help="Address of node 0, reachable from every node.")] = "127.0.0.1",
+    main_port: Annotated[int, typer.Option("--main-port", help="Free TCP port on node 0.")] = 29500,
+    resume: Annotated[Optional[str], typer.Option(help="As for `ftkit train`: 'auto' continues from the newest complete checkpoint.")] = None,
+    backend: Annotated[str, typer.Option("--backend", "-b", help="torch: the one backend that runs several processes.")] = "torch",
+    set_: SetOpt = None,
+    stop_after: Annotated[Optional[int], typer.Option("--stop-after", min=0, help="As for `ftkit train`: stop after this step with a checkpoint.")] = None,
+    print_command: Annotated[bool, typer.Option("--print-command", help="Print the `accelerate launch` line and exit.")] = False,
+) -> None:
+    """Train on several GPUs or nodes (torch backend): `accelerate launch` runs `ftkit train` in every process.
+
+    The recipe's torch.distributed says how: 'ddp' (a full copy of the model per GPU) or 'fsdp' (each GPU holds a shard of every decoder layer). Run the same command on every node, each with its own --node-rank; output.dir must be on storage all nodes share.
+    """
+    import shlex
+    import subprocess
+
+    from ftkit.distributed import launch_command
+
+    if backend not in ("torch", "auto"):
+        _fail(FtkitError(f"--backend {backend}: ftkit launch runs the torch backend; MLX trains in one process (ftkit train)."), False)
+    if node_rank >= nnodes:
+        _fail(FtkitError(f"--node-rank {node_rank} is out of range for --nnodes {nnodes} (0 .. {nnodes - 1})."), False)
+    try:
+        stages = _recipes(recipes, set_)
+    except FtkitError as e:
+        _fail(e, False)
+    total = nproc_per_node * nnodes
+    for recipe in stages:
+        if total > 1 and recipe.torch.distributed == "none":
+            _fail(FtkitError(f"{recipe.name}: torch.distributed = 'none' cannot use {total} processes; set torch.distributed = "
+                             "'ddp' or 'fsdp' in the recipe, or pass --set torch.distributed=fsdp."), False)
+    train_args = [str(r.resolve()) for r in recipes] + ["--backend", "torch"]
+    train_args += ["--resume", resume] if resume else []
+    train_args += ["--stop-after", str(stop_after)] if stop_after is not None else []
+    for item in set_ or []:
+        train_args += ["--set", item]
+    cmd = launch_command(train_args, nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank,
+                         main_address=main_address, main_port=main_port)
+    line = shlex.join(cmd)
+    if print_command:
+        sys.stdout.write(line + "\n")
+        return
+    from ftkit.progress import console
+
+    console().print(f"[dim]{line}[/]")
+    raise typer.Exit(subprocess.call(cmd))
 
 
 def _print_plans(plans: list[dict[str, Any]]) -> None:

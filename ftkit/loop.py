@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 
 from ftkit import adapter as adapter_format
-from ftkit import adapter_layout, init
+from ftkit import adapter_layout, distributed, init
 from ftkit import checkpoint as ckpt
 from ftkit.backend import Backend, Batch, get_backend
 from ftkit.data import Example, Splits, load_splits, make_batch
+from ftkit.distributed import World
 from ftkit.errors import FtkitError
 from ftkit.metrics import MetricsLog, plot_losses
 from ftkit.progress import TrainProgress, console, status
@@ -47,6 +48,7 @@ class Prepared:
     splits: Splits
     schedule: Schedule
     run_dir: Path
+    world: World
 
 
 def prepare(recipe: Recipe, run_dir: Path | None = None) -> Prepared:
@@ -59,8 +61,9 @@ def prepare(recipe: Recipe, run_dir: Path | None = None) -> Prepared:
         splits = load_splits(recipe.data, tokenizer)
     if not splits.train:
         raise FtkitError(f"{recipe.data.path}: the training split is empty.")
-    schedule = make_schedule(recipe.train, len(splits.train), len(splits.valid))
-    return Prepared(recipe, model_path, tokenizer, splits, schedule, Path(run_dir or recipe.output.dir))
+    world = distributed.current()
+    schedule = make_schedule(recipe.train, len(splits.train), len(splits.valid), world.size)
+    return Prepared(recipe, model_path, tokenizer, splits, schedule, Path(run_dir or recipe.output.dir), world)
 
 
 def micro_batch_indices(n: int, seed: int, position: int, size: int) -> list[int]:
@@ -77,15 +80,22 @@ def micro_batch_indices(n: int, seed: int, position: int, size: int) -> list[int
     return out
 
 
-def evaluate(backend: Backend, examples: list[Example], batch_size: int, pad_id: int, max_batches: int | None = None) -> float:
-    """Token-weighted mean loss over the examples (every target token counts once)."""
+def evaluate(backend: Backend, examples: list[Example], batch_size: int, pad_id: int, max_batches: int | None = None,
+             world: World = World()) -> float:
+    """Token-weighted mean loss over the examples (every target token counts once), the batches
+    shared among the run's processes."""
+    starts = list(range(0, len(examples), batch_size))[:max_batches]
+    batches = [make_batch(examples[s : s + batch_size], pad_id) for s in starts]
+    mine = world.share(batches)
     total, n = 0.0, 0
-    for b, start in enumerate(range(0, len(examples), batch_size)):
-        if max_batches is not None and b >= max_batches:
-            break
-        batch = make_batch(examples[start : start + batch_size], pad_id)
-        total += backend.eval_loss(batch)
-        n += batch.n_targets
+    for i in range(math.ceil(len(batches) / world.size)):
+        if i < len(mine):
+            total += backend.eval_loss(mine[i])
+            n += mine[i].n_targets
+        else:
+            # FSDP gathers weights inside every forward, so all processes run as many; this one is not counted.
+            backend.eval_loss(batches[0])
+    total, n = backend.reduce_sum([total, n])
     return total / n if n else float("nan")
 
 
@@ -96,6 +106,7 @@ class StageResult:
     run_dir: Path
     adapter: Path
     steps: int
+    total_steps: int
     first_valid_loss: float | None = None
     last_valid_loss: float | None = None
     last_train_loss: float | None = None
@@ -118,9 +129,11 @@ class Trainer:
         if start_adapter is None and self.recipe.method.resume_from:
             start_adapter = Path(self.recipe.method.resume_from)
         self.start_adapter = adapter_layout.resolve(start_adapter) if start_adapter is not None else None
-        self.quiet = quiet
+        self.world = prep.world
+        self.main = self.world.is_main  # only the first process writes the run folder and prints
+        self.quiet = quiet or not self.main
         self.pad_id = prep.tokenizer.pad_token_id
-        self.log = MetricsLog(self.run_dir)
+        self.log = MetricsLog(self.run_dir, enabled=self.main)
 
     # ------------------------------------------------------------------ helpers
     def _say(self, msg: str) -> None:
@@ -139,35 +152,50 @@ class Trainer:
             "trained_tokens": state["trained_tokens"],
             "examples_seen": state["position"],
             "losses": {"train": state.get("last_train_loss"), "valid": state.get("last_valid_loss")},
+            "processes": self.world.size,
+            "switches": self.info.get("switches", {}),
         }
 
     def _save_adapter_folder(self, dest: Path, state: dict[str, Any]) -> None:
-        with ckpt.atomic_dir(dest) as tmp:
-            self.backend.save_adapter(tmp)
-            if self.recipe.method.kind == "full":
-                self.prep.tokenizer.save_pretrained(tmp)
-            adapter_format.write_meta(tmp, self._meta(state))
+        with ckpt.atomic_dir(dest, self.world, self.backend.barrier) as tmp:
+            self.backend.save_adapter(tmp)  # every process takes part (FSDP gathers the shards); the first writes
+            if self.main:
+                if self.recipe.method.kind == "full":
+                    self.prep.tokenizer.save_pretrained(tmp)
+                adapter_format.write_meta(tmp, self._meta(state))
 
     def _save_checkpoint(self, state: dict[str, Any]) -> Path:
         dest = ckpt.checkpoint_dir(self.run_dir, state["step"])
-        with ckpt.atomic_dir(dest) as tmp:
+        with ckpt.atomic_dir(dest, self.world, self.backend.barrier) as tmp:
             self._save_adapter_folder(tmp / "adapter", state)
-            (tmp / "state").mkdir()
-            self.backend.save_state(tmp / "state")
-            ckpt.write_json_atomic(tmp / ckpt.STATE_FILE, state)  # last: marks the folder complete
-        ckpt.prune(self.run_dir, self.recipe.train.keep_checkpoints)
+            (tmp / "state").mkdir(exist_ok=True)
+            self.backend.save_state(tmp / "state")  # each process its shard of the optimizer state
+            self.backend.barrier()
+            if self.main:
+                ckpt.write_json_atomic(tmp / ckpt.STATE_FILE, state)  # last: marks the folder complete
+        if self.main:
+            ckpt.prune(self.run_dir, self.recipe.train.keep_checkpoints)
         return dest
 
     # ------------------------------------------------------------------ the run
     def run(self, resume: str | None = None, stop_after: int | None = None) -> StageResult:
-        """Train the stage. `stop_after` ends the process's work early (tests simulate a preemption)."""
+        """Train the stage. `stop_after` ends this run after that step, with a checkpoint to resume from."""
         recipe, sched, splits = self.recipe, self.schedule, self.prep.splits
-        ckpt.clean_partial(self.run_dir)
+        if self.main:
+            ckpt.clean_partial(self.run_dir)
         resume_ckpt = self._find_resume(resume)
-        state = {"step": 0, "position": 0, "trained_tokens": 0, "elapsed": 0.0, "first_valid_loss": None}
+        state = {"step": 0, "position": 0, "trained_tokens": 0, "elapsed": 0.0, "first_valid_loss": None,
+                 "processes": self.world.size}
         if resume_ckpt is not None:
             state = ckpt.read_state(resume_ckpt)
+            saved_by = state.get("processes", 1)
+            if saved_by != self.world.size:
+                # A step is batch_size * grad_accum examples per process: another count is another schedule.
+                raise FtkitError(f"{resume_ckpt} was written by a run of {saved_by} process(es); resume it with {saved_by} "
+                                 f"(this run has {self.world.size}), or start a new run from its adapter with method.resume_from.")
             self.log.truncate_after(state["step"])
+        else:
+            self.log.clear()  # what a run killed before its first checkpoint logged is trained again
         self.model_fp = adapter_format.fingerprint_model(self.prep.model_path)
         self.tokenizer_fp = adapter_format.fingerprint_tokenizer(self.prep.tokenizer)
         load_from = resume_ckpt / "adapter" if resume_ckpt else self.start_adapter
@@ -181,19 +209,23 @@ class Trainer:
             model_path, load_from = load_from, None
         with status(f"loading {self.prep.model_path.name} on {self.backend.name}"):
             self.backend.load(recipe, model_path, adapter=load_from, train=True)
+        if resume_ckpt is None and load_from is None and recipe.is_adapter:
+            self._draw_initial_adapter()
+        self.backend.start_training()  # wraps for DDP/FSDP once the starting values are in place
         if resume_ckpt is not None:
             self.backend.load_state(resume_ckpt / "state")
-        elif load_from is None and recipe.is_adapter:
-            self._draw_initial_adapter()
         info = self.backend.describe()
-        self._write_recipe()
+        if self.main:
+            self._write_recipe()
+        self.info = info
+        self.log.log({"step": state["step"], "kind": "run", "backend": self.backend.name, "processes": self.world.size, **info})
         self._say(self._banner(info, resume_ckpt))
         unused = self._other_backend_keys()
         if unused:
-            console().print(f"note: not used on {self.backend.name}: {unused}")
+            self._say(f"note: not used on {self.backend.name}: {unused}")
 
         if state["step"] == 0 and recipe.train.eval_before and splits.valid:
-            loss = evaluate(self.backend, splits.valid, recipe.train.batch_size, self.pad_id, sched.val_batches)
+            loss = evaluate(self.backend, splits.valid, recipe.train.batch_size, self.pad_id, sched.val_batches, self.world)
             state["first_valid_loss"] = state["last_valid_loss"] = loss
             self.log.log({"step": 0, "kind": "valid", "loss": loss})
             self._say(f"step 0: validation loss {loss:.4f}")
@@ -204,10 +236,11 @@ class Trainer:
         with TrainProgress(sched.total_steps, start=state["step"], enabled=not self.quiet) as bar:
             while state["step"] < end:
                 step = state["step"] + 1
-                batches = self._step_batches(state["position"])
+                batches = self._step_batches(state["position"])  # the whole step's, in every process
                 n_targets = sum(b.n_targets for b in batches)
                 lr = lr_at(step, recipe.train, sched)
-                loss_sum = sum(self.backend.forward_backward(b, 1.0 / n_targets) for b in batches)
+                loss_sum = sum(self.backend.forward_backward(b, 1.0 / n_targets) for b in self.world.share(batches))
+                (loss_sum,) = self.backend.reduce_sum([loss_sum])
                 stats = self.backend.optimizer_step(lr)
                 state.update(step=step, position=state["position"] + sched.examples_per_step)
                 state["trained_tokens"] += n_targets
@@ -231,7 +264,7 @@ class Trainer:
                     bar.update(step, lr=lr)
                 if splits.valid and sched.is_eval(step):
                     t_eval = time.perf_counter()
-                    loss = evaluate(self.backend, splits.valid, recipe.train.batch_size, self.pad_id, sched.val_batches)
+                    loss = evaluate(self.backend, splits.valid, recipe.train.batch_size, self.pad_id, sched.val_batches, self.world)
                     window["t"] += time.perf_counter() - t_eval  # tokens/s counts training time only
                     state["last_valid_loss"] = loss
                     self.log.log({"step": step, "kind": "valid", "loss": loss, "elapsed": time.perf_counter() - t0})
@@ -243,14 +276,16 @@ class Trainer:
         final = self.run_dir / "adapter"
         if state["step"] >= sched.total_steps:
             self._save_adapter_folder(final, state)
-            ckpt.write_json_atomic(self.run_dir / "final_state.json", state)
+            if self.main:
+                ckpt.write_json_atomic(self.run_dir / "final_state.json", state)
         elif stop_after is not None:
             self._save_checkpoint(state)
-        plot_losses(self.log.path, self.run_dir / "loss.png", title=f"{recipe.name} ({self.backend.name})")
+        if self.main:
+            plot_losses(self.log.path, self.run_dir / "loss.png", title=f"{recipe.name} ({self.backend.name})")
         self.log.close()
         return StageResult(
             name=recipe.name or "stage", backend=self.backend.name, run_dir=self.run_dir, adapter=final,
-            steps=state["step"], first_valid_loss=state.get("first_valid_loss"),
+            steps=state["step"], total_steps=sched.total_steps, first_valid_loss=state.get("first_valid_loss"),
             last_valid_loss=state.get("last_valid_loss"), last_train_loss=state.get("last_train_loss"),
             trained_tokens=state["trained_tokens"], seconds=state["elapsed"],
             resumed_from=str(resume_ckpt) if resume_ckpt else None, info=info,
@@ -303,12 +338,15 @@ class Trainer:
         s, r = self.schedule, self.recipe
         trainable, total = info.get("trainable_params", 0), info.get("total_params", 0)
         pct = 100 * trainable / total if total else 0
+        procs = f" ({self.world.size} processes x {r.train.batch_size * r.train.grad_accum})" if self.world.size > 1 else ""
         lines = [
             f"[bold]{r.name}[/]: {r.method.kind} on {info.get('device')} ({self.backend.name}, {info.get('dtype')}, precision {info.get('precision')})",
             f"trainable parameters: {trainable:,} of {total:,} ({pct:.3f}%)",
             f"data: {len(self.prep.splits.train)} train / {len(self.prep.splits.valid)} valid / {len(self.prep.splits.test)} test examples ({self.prep.splits.format}, loss on {self.prep.splits.train_on})",
-            f"schedule: {s.total_steps} steps x {s.examples_per_step} examples, validate every {s.steps_per_eval}, report every {s.steps_per_report}, checkpoint every {s.save_every}",
+            f"schedule: {s.total_steps} steps x {s.examples_per_step} examples{procs}, validate every {s.steps_per_eval}, report every {s.steps_per_report}, checkpoint every {s.save_every}",
         ]
+        if info.get("switches"):
+            lines.append("switches: " + ", ".join(f"{k} {v}" for k, v in info["switches"].items()))
         if resumed:
             lines.append(f"resumed from {resumed}")
         return "\n".join(lines)
@@ -331,14 +369,19 @@ def finished_stage(run_dir: Path, recipe: Recipe, backend: str) -> StageResult |
     state = json.loads(final.read_text())
     return StageResult(
         name=recipe.name or "stage", backend=meta.get("backend", backend), run_dir=run_dir, adapter=run_dir / "adapter",
-        steps=state["step"], first_valid_loss=state.get("first_valid_loss"), last_valid_loss=state.get("last_valid_loss"),
+        steps=state["step"], total_steps=state["step"], first_valid_loss=state.get("first_valid_loss"), last_valid_loss=state.get("last_valid_loss"),
         last_train_loss=state.get("last_train_loss"), trained_tokens=state["trained_tokens"], seconds=state["elapsed"],
         resumed_from="finished earlier",
     )
 
 
-def run_stages(recipes: list[Recipe], backend: str, resume: str | None = None, quiet: bool = False) -> list[StageResult]:
-    """Train the stages in order, each from the adapter the one before produced."""
+def run_stages(recipes: list[Recipe], backend: str, resume: str | None = None, quiet: bool = False,
+               stop_after: int | None = None) -> list[StageResult]:
+    """Train the stages in order, each from the adapter the one before produced.
+
+    `stop_after` stops the stage being trained after that step (a planned preemption: a time-limited
+    job slot); `--resume auto` carries on from there.
+    """
     results: list[StageResult] = []
     previous: Path | None = None
     for recipe, run_dir in zip(recipes, stage_dirs(recipes)):
@@ -349,7 +392,10 @@ def run_stages(recipes: list[Recipe], backend: str, resume: str | None = None, q
                 recipe.method.resume_from = str(previous)
         done = finished_stage(run_dir, recipe, backend) if resume else None
         if done is None:
-            done = Trainer(prepare(recipe, run_dir), backend, quiet=quiet).run(resume=resume)
+            trainer = Trainer(prepare(recipe, run_dir), backend, quiet=quiet)
+            done = trainer.run(resume=resume, stop_after=stop_after)
+            if done.steps < done.total_steps:
+                return results + [done]
         results.append(done)
         previous = done.adapter
     return results

@@ -24,11 +24,14 @@ class MetricsLog:
     Each line is flushed as it is written, so a crashed run keeps everything up to its last step.
     """
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, enabled: bool = True):
         self.path = Path(run_dir) / FILENAME
+        self.enabled = enabled  # off in all but the first process of a multi-process run
         self._file = None
 
     def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", encoding="utf-8")
@@ -39,12 +42,18 @@ class MetricsLog:
     def truncate_after(self, step: int) -> None:
         """Keep only records with step <= `step`: a resumed run re-logs the steps after its checkpoint."""
         self.close()
-        if not self.path.exists():
+        if not self.enabled or not self.path.exists():
             return
         kept = [r for r in self.read(self.path) if r.get("step") is None or r["step"] <= step]
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
         os.replace(tmp, self.path)
+
+    def clear(self) -> None:
+        """Start the log afresh: a run killed before its first checkpoint starts again from step 0."""
+        self.close()
+        if self.enabled:
+            self.path.unlink(missing_ok=True)
 
     def close(self) -> None:
         if self._file is not None:

@@ -101,4 +101,5 @@ class TrainProgress:
 
     def log(self, message: str) -> None:
         """Print above the bar (the bar redraws below it)."""
-        self.console.print(message)
+        if self.enabled:
+            self.console.print(message)

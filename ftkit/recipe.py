@@ -133,7 +133,9 @@ class TorchSection(Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass.")
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = Field("auto", description="Attention kernel.")
     compile: bool = Field(False, description="torch.compile the model.")
-    distributed: Literal["none", "ddp", "fsdp"] = Field("none", description="Multi-process training (through accelerate; planned).")
+    distributed: Literal["none", "ddp", "fsdp"] = Field(
+        "none", description="Several processes (start them with `ftkit launch`): ddp = a model copy per GPU; fsdp = FSDP2, each decoder layer sharded."
+    )
     double_quant: bool = Field(True, description="QLoRA (nf4/fp4): quantize the quantization constants too (bitsandbytes double quantization).")
 
 
@@ -189,8 +191,9 @@ def _suggest(word: str, options: list[str]) -> str:
 
 
 def _parse_value(raw: str) -> Any:
-    """A --set value is read as a TOML value when it parses, else as a bare string; none/null unsets a key."""
-    if raw.lower() in ("none", "null"):
+    """A --set value is read as a TOML value when it parses, else as a bare string; null unsets a key
+    ('none' stays a string: several keys have it as a choice)."""
+    if raw.lower() == "null":
         return None
     try:
         return tomllib.loads(f"v = {raw}")["v"]

@@ -1,6 +1,7 @@
 """Epochs and proportions -> concrete step counts, and the learning-rate schedule.
 
-One step is one optimizer update: `batch_size * grad_accum` training examples. The proportion keys
+One step is one optimizer update: `batch_size * grad_accum` training examples in each of the run's
+processes (`batch_size * grad_accum * processes` in all). The proportion keys
 keep mlx-tuning-fork's meaning; explicit step counts (`steps_per_eval` ...) win over them.
 """
 
@@ -36,8 +37,8 @@ class Schedule:
         return step % self.save_every == 0 and step != self.total_steps
 
 
-def make_schedule(train: TrainSection, n_train: int, n_valid: int) -> Schedule:
-    per_step = train.batch_size * train.grad_accum
+def make_schedule(train: TrainSection, n_train: int, n_valid: int, processes: int = 1) -> Schedule:
+    per_step = train.batch_size * train.grad_accum * processes
     epoch_steps = max(1, math.ceil(n_train / per_step))
     if train.iters is not None:
         total = train.iters

@@ -130,8 +130,10 @@ def test_every_key_has_a_documented_default():
 
 
 def test_set_can_unset_a_key_and_its_errors_name_the_flag(good):
-    (r,) = load_recipes([good], ["train.iters=none", "train.epochs=3"])
+    (r,) = load_recipes([good], ["train.iters=null", "train.epochs=3"])
     assert r.train.iters is None and r.train.epochs == 3
+    (r,) = load_recipes([good], ["torch.distributed=none", "model.quantize=none"])  # a choice, not an unset
+    assert r.torch.distributed == "none" and r.model.quantize == "none"
     with pytest.raises(RecipeError) as e:
         load_recipes([good], ["train.iters=x"])
     assert e.value.problems[0].startswith("--set train.iters")

@@ -144,7 +144,6 @@ def test_a_converted_4bit_model_is_used_as_it_is(tmp_path, tiny_model_dir, small
     (["method.kind=prefix"], "mlx", "'prefix' is not available on the MLX backend"),
     (["model.quantize=nf4"], "mlx", "bitsandbytes format.*use '4bit' or '8bit'"),
     (["train.optimizer=paged_adamw_8bit"], "mlx", "CUDA only"),
-    (["torch.distributed=ddp"], "torch", "not available yet"),
 ])
 def test_unsupported_keys_are_errors_before_training(tmp_path, tiny_model_dir, small_data, sets, backend, message):
     p = recipe_file(tmp_path, tiny_model_dir, small_data)

@@ -275,6 +275,38 @@ def test_prompt_and_prefix_adapters_reload_in_plain_peft(tmp_path, tiny_model_di
     again = load_for_inference(recipe, "torch", res.adapter, tiny_model_dir, load_tokenizer(tiny_model_dir))
     prompt = list(range(5, 40))
     tokens = list(generate(again, prompt, 4, Sampling(), set()))
+    # The reference is plain PEFT's forward over the whole sequence at every step, without a cache:
+    # PeftModel.generate (peft 0.21, transformers 5.24) gives other, wrong tokens for prompt learning.
+    ids = list(prompt)
     with torch.no_grad():
-        full = plain.generate(input_ids=torch.tensor([prompt]), max_new_tokens=4, do_sample=False)[0, len(prompt):].tolist()
-    assert tokens == full
+        for _ in range(4):
+            ids.append(int(plain(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    assert tokens == ids[len(prompt):]
+
+
+def test_qlora_gradients_do_not_change_after_a_validation(tmp_path, tiny_model_dir, small_data):
+    # bitsandbytes repacks 4-bit weights for AVX512-BF16 CPUs at the first no-grad forward; after that
+    # its kernel has no autograd, so the LoRA gradients below the first adapted layer would be lost.
+    pytest.importorskip("bitsandbytes")
+    from ftkit.backend import get_backend
+    from ftkit.data import make_batch
+
+    p = recipe_file(tmp_path, tiny_model_dir, small_data, model={"quantize": "nf4"})
+    (recipe,) = load_recipes([p])
+    prep = prepare(recipe)
+    batch = make_batch(prep.splits.train[:4], prep.tokenizer.pad_token_id)
+
+    def grads(validate_first: bool) -> dict[str, np.ndarray]:
+        be = get_backend("torch")
+        be.load(recipe, prep.model_path, adapter=None, train=True)
+        be.set_adapter_tensors({k: np.full_like(v, 0.01) for k, v in be.adapter_tensors().items()})
+        be.start_training()
+        if validate_first:
+            be.eval_loss(batch)
+        be.forward_backward(batch, 1.0 / batch.n_targets)
+        return {n: p.grad.numpy().copy() for n, p in be.model.named_parameters() if p.requires_grad}
+
+    plain, after = grads(False), grads(True)
+    assert plain.keys() == after.keys() and all(np.abs(g).max() > 0 for g in plain.values())
+    for name in plain:
+        np.testing.assert_allclose(after[name], plain[name], rtol=1e-5, atol=1e-8, err_msg=name)

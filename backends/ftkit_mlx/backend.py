@@ -13,7 +13,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from ftkit import adapter_layout, targets
+from ftkit import adapter_layout, distributed, targets
 from ftkit.backend import Batch
 from ftkit.errors import FtkitError
 from ftkit.recipe import Recipe
@@ -93,6 +93,10 @@ class MlxBackend:
             raise FtkitError("method.kind = 'prefix' is not available on the MLX backend; use 'prompt' (soft prompt tuning) or 'lora'.")
         if recipe.train.optimizer in mlx_optim.CUDA_ONLY:
             mlx_optim.build(recipe.train)  # raises with the reason
+        world = distributed.current()
+        if world.size > 1:
+            raise FtkitError(f"the MLX backend trains in one process, but {world.size} were started: "
+                             "run `ftkit train` (not `ftkit launch` or torchrun) on a Mac.")
 
     def _load_adapter(self, adapter: Path, train: bool) -> None:
         model = self.tuned.model
@@ -146,6 +150,15 @@ class MlxBackend:
         self.grads = grads if self.grads is None else tree_map(mx.add, self.grads, grads)
         mx.eval(loss, self.grads)
         return loss.item()
+
+    def start_training(self) -> None:
+        """Nothing to wrap: one process, and the optimizer is made at load."""
+
+    def reduce_sum(self, values: list[float]) -> list[float]:
+        return list(values)
+
+    def barrier(self) -> None:
+        pass
 
     def optimizer_step(self, lr: float) -> dict[str, float]:
         grads, self.grads = self.grads, None

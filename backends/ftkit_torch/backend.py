@@ -13,11 +13,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ftkit import distributed
 from ftkit.backend import Batch
 from ftkit.errors import FtkitError
 from ftkit.recipe import Recipe
 from ftkit_torch.methods import attach_method, count_parameters
-from ftkit_torch.optim import build_optimizer
+from ftkit_torch import parallel
+from ftkit_torch.optim import LocalShards, build_optimizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -31,12 +33,23 @@ def pick_device(want: str) -> torch.device:
     return torch.device(want)
 
 
-def _refuse_unsupported(recipe: Recipe, model_path: Path) -> None:
+def _refuse_unsupported(recipe: Recipe, model_path: Path, world: distributed.World) -> None:
     """Keys this backend cannot honour are errors, never silently dropped."""
     import json
 
-    if recipe.torch.distributed != "none":
-        raise FtkitError(f"torch.distributed = '{recipe.torch.distributed}' is not available yet; set it to 'none' (one process).")
+    mode = recipe.torch.distributed
+    if world.size > 1 and mode == "none":
+        raise FtkitError(f"{world.size} processes were started, but torch.distributed = 'none': set it to 'ddp' or 'fsdp' "
+                         "(--set torch.distributed=fsdp), or start one process with `ftkit train`.")
+    if world.size > 1 and mode == "fsdp" and recipe.torch.precision == "fp16":
+        raise FtkitError("torch.precision = 'fp16' with torch.distributed = 'fsdp': ftkit's fp16 loss scaling is for one process "
+                         "or DDP; use 'bf16' (no loss scaling needed) with FSDP.")
+    if world.size > 1 and mode == "fsdp" and recipe.train.optimizer == "adafactor":
+        raise FtkitError("train.optimizer = 'adafactor' with torch.distributed = 'fsdp': Adafactor's row and column statistics "
+                         "need whole matrices, and FSDP holds shards; use adamw or a bitsandbytes optimizer (adamw_8bit, paged_adamw_8bit).")
+    if world.size > 1 and mode == "fsdp" and recipe.method.kind in ("prompt", "prefix"):
+        raise FtkitError(f"method.kind = '{recipe.method.kind}' with torch.distributed = 'fsdp': PEFT reads virtual-token "
+                         "embeddings outside the sharded forward; use torch.distributed = 'ddp'.")
     cfg_file = model_path / "config.json"
     cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
     if "quantization" in cfg and "quant_method" not in (cfg.get("quantization_config") or {}):
@@ -78,6 +91,18 @@ def quantization_config(recipe: Recipe, compute_dtype: torch.dtype):
                               bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=compute_dtype)
 
 
+def _keep_4bit_layout(model) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for AVX512-BF16 CPUs at the first no-grad forward.
+
+    The repacked layout keeps absmax in bf16 (validation losses move by ~1e-3) and, once packed, every
+    later forward takes an inference kernel with no autograd, so training after a validation silently
+    loses those layers' input gradients; under FSDP the repacking also fights the all-gathered shards.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 class TorchBackend:
     name = "torch"
 
@@ -97,13 +122,15 @@ class TorchBackend:
 
         self.recipe = recipe
         cfg = recipe.torch
-        _refuse_unsupported(recipe, model_path)
+        self.world = distributed.current()
+        _refuse_unsupported(recipe, model_path, self.world)
         self.device = pick_device(cfg.device)
+        self.sharded = self.world.size > 1 and cfg.distributed == "fsdp"
+        if self.world.size > 1:
+            self.device = parallel.join(self.world, self.device.type)
         cuda = self.device.type == "cuda"
         bf16_ok = cuda and torch.cuda.is_bf16_supported()
         precision = cfg.precision if cfg.precision != "auto" else ("bf16" if bf16_ok else "fp32")
-        if precision != "fp32" and not cuda:
-            raise FtkitError(f"torch.precision = '{precision}' needs a CUDA GPU; on {self.device.type} use 'fp32' or 'auto'.")
         self.precision = precision
         self.autocast_dtype = _PRECISIONS.get(precision)
         if recipe.model.dtype != "auto":
@@ -121,6 +148,8 @@ class TorchBackend:
         torch.manual_seed(recipe.train.seed)
         model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
         model.config.use_cache = False
+        if quantized:
+            _keep_4bit_layout(model)
         if quantized and train:
             from peft import prepare_model_for_kbit_training
 
@@ -134,11 +163,39 @@ class TorchBackend:
             if hasattr(model, "enable_input_require_grads"):
                 model.enable_input_require_grads()
         self.model = model if quantized else model.to(self.device)
-        if cfg.compile:
-            self.model = torch.compile(self.model)
         self.model.train(train)
-        if train:
-            self.optimizer = build_optimizer(self.model, recipe.train, self.device)
+        self.train_model = self.model
+        # fp16 has too few exponent bits for small gradients; bf16 and fp32 need no scaling.
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" and train else None
+
+    def start_training(self) -> None:
+        cfg = self.recipe.torch
+        if self.world.size > 1:
+            torch.manual_seed(self.recipe.train.seed + self.world.rank)  # each process its own dropout masks
+            self.train_model = parallel.wrap(self.model, cfg.distributed, self.device)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+        # After sharding: FSDP's optimizer must hold the sharded parameters.
+        self.optimizer = build_optimizer(self.model, self.recipe.train, self.device)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+
+    def switches(self) -> dict[str, str]:
+        """What the run log says was on: the memory and speed switches, as they took effect."""
+        cfg = self.recipe.torch
+        attn = getattr(self.model.config, "_attn_implementation", None) or cfg.attn_implementation
+        out = {
+            "precision": self.precision + (" autocast" if self.autocast_dtype else ""),
+            "loss scaling": "on" if self.scaler is not None else "off",
+            "gradient checkpointing": "on" if cfg.gradient_checkpointing else "off",
+            "torch.compile": "on" if cfg.compile else "off",
+            "attention": str(attn),
+            "optimizer": self.recipe.train.optimizer,
+            "distributed": (f"{cfg.distributed} x{self.world.size}" if self.world.size > 1 else
+                            "none" if cfg.distributed == "none" else f"{cfg.distributed} asked, 1 process: not wrapped"),
+        }
+        if self.recipe.model.quantize != "none":
+            out["quantization"] = quantization_label(self.recipe)
+        return out
 
     def describe(self) -> dict[str, Any]:
         trainable, total = count_parameters(self.model)
@@ -150,6 +207,7 @@ class TorchBackend:
             "total_params": total,
             "gradient_checkpointing": self.recipe.torch.gradient_checkpointing,
             "torch": torch.__version__,
+            "switches": self.switches(),
             **({"quantization": f"{quantization_label(self.recipe)} (bitsandbytes)"} if self.recipe.model.quantize != "none" else {}),
         }
 
@@ -159,34 +217,54 @@ class TorchBackend:
         return (as_t(batch.inputs, torch.long), as_t(batch.targets, torch.long),
                 as_t(batch.mask, torch.float32), as_t(batch.attention_mask, torch.long))
 
-    def _loss_sum(self, batch: Batch) -> torch.Tensor:
+    def _loss_sum(self, batch: Batch, model) -> torch.Tensor:
         inputs, targets, mask, attn = self._tensors(batch)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            logits = self.model(input_ids=inputs, attention_mask=attn).logits[:, self.n_virtual :]
+            logits = model(input_ids=inputs, attention_mask=attn).logits[:, self.n_virtual :]
         losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
         return (losses * mask.flatten()).sum()
 
     def forward_backward(self, batch: Batch, scale: float) -> float:
-        loss = self._loss_sum(batch)
-        (loss * scale).backward()
+        loss = self._loss_sum(batch, self.train_model)
+        # `scale` is 1 / the step's target tokens over all processes; DDP and FSDP average the
+        # processes' gradients, so each process's sum is scaled up by their number first.
+        scaled = loss * (scale * self.world.size)
+        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         return loss.item()
 
     def optimizer_step(self, lr: float) -> dict[str, float]:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = self.recipe.train.max_grad_norm
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
-        self.optimizer.step()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm if max_norm else float("inf"))
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a sharded norm
+        stats = {"grad_norm": float(norm)}
+        if self.scaler:
+            stats["loss_scale"] = float(self.scaler.get_scale())
+            self.scaler.step(self.optimizer)  # skipped when the gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": float(norm)}
+        if self.device.type == "cuda":
+            stats["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return stats
+
+    def reduce_sum(self, values: list[float]) -> list[float]:
+        return parallel.reduce_sum(values, self.device) if self.world.size > 1 else list(values)
+
+    def barrier(self) -> None:
+        if self.world.size > 1:
+            parallel.barrier()
 
     @torch.no_grad()
     def eval_loss(self, batch: Batch) -> float:
         was_training = self.model.training
         self.model.eval()
         try:
-            return self._loss_sum(batch).item()
+            return self._loss_sum(batch, self.model).item()
         finally:
             self.model.train(was_training)
 
@@ -202,7 +280,7 @@ class TorchBackend:
 
     # ------------------------------------------------------------------ adapter tensors
     def _peft(self):
-        model = getattr(self.model, "_orig_mod", self.model)
+        model = self.model
         if not hasattr(model, "peft_config"):
             raise FtkitError("this model carries no adapter (method.kind = 'full').")
         return model
@@ -225,13 +303,15 @@ class TorchBackend:
 
     @torch.no_grad()
     def embedding_rows(self, ids: list[int]) -> np.ndarray:
-        emb = getattr(self.model, "_orig_mod", self.model).get_input_embeddings()
+        emb = self.model.get_input_embeddings()
         return emb(torch.tensor(ids, device=self.device)).float().cpu().numpy()
 
     # ------------------------------------------------------------------ saving
     def save_adapter(self, dest: Path) -> None:
-        model = getattr(self.model, "_orig_mod", self.model)
-        model.save_pretrained(dest, safe_serialization=True)
+        """Every process calls this; under FSDP the shards are gathered, and the first process writes."""
+        state = parallel.gathered_state_dict(self.model, trainable_only=self.recipe.is_adapter) if self.sharded else None
+        if self.world.is_main:
+            self.model.save_pretrained(dest, state_dict=state, safe_serialization=True)
 
     def fuse(self, dest: Path, dequantize: bool) -> None:
         model = self._peft()
@@ -241,15 +321,37 @@ class TorchBackend:
         merged.config.use_cache = True
         merged.save_pretrained(dest, safe_serialization=True)
 
+    # One process: torch_state.pt holds everything. Several: the optimizer state goes through
+    # torch.distributed.checkpoint (each process its shard, readable by another process count) and
+    # each process keeps its own RNG state.
     def save_state(self, dest: Path) -> None:
-        state = {"optimizer": self.optimizer.state_dict(), "cpu_rng": torch.get_rng_state()}
+        state: dict[str, Any] = {"cpu_rng": torch.get_rng_state()}
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
-        torch.save(state, dest / "torch_state.pt")
+        if self.scaler:
+            state["scaler"] = self.scaler.state_dict()
+        if self.world.size == 1:
+            torch.save({"optimizer": self.optimizer.state_dict(), **state}, dest / "torch_state.pt")
+            return
+        if isinstance(self.optimizer, LocalShards):
+            state["optimizer"] = self.optimizer.state_dict()  # this process's shards
+        else:
+            parallel.save_optimizer(self.model, self.optimizer, dest / "optimizer")
+        torch.save(state, dest / f"rank{self.world.rank}.pt")
 
     def load_state(self, src: Path) -> None:
-        state = torch.load(src / "torch_state.pt", map_location=self.device, weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        # The core has checked that this run has as many processes as the one that saved the state.
+        if self.world.size == 1:
+            state = torch.load(src / "torch_state.pt", map_location=self.device, weights_only=False)
+            self.optimizer.load_state_dict(state.pop("optimizer"))
+        else:
+            state = torch.load(src / f"rank{self.world.rank}.pt", map_location="cpu", weights_only=False)
+            if isinstance(self.optimizer, LocalShards):
+                self.optimizer.load_state_dict(state["optimizer"])
+            else:
+                parallel.load_optimizer(self.model, self.optimizer, src / "optimizer")
         torch.set_rng_state(state["cpu_rng"].cpu())
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+        if self.scaler and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])

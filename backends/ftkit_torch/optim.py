@@ -48,4 +48,43 @@ def build_optimizer(model, train: TrainSection, device: torch.device) -> torch.o
                "lion_8bit": bnb.optim.Lion8bit}
     if name not in classes:
         raise FtkitError(f"train.optimizer = {name!r} is not available on the torch backend.")
+    if any(hasattr(p, "to_local") for p in params):
+        return LocalShards(classes[name], groups, lr=train.lr, betas=betas)
     return classes[name](groups, lr=train.lr, betas=betas)
+
+
+class LocalShards:
+    """A bitsandbytes optimizer stepping each process's own shards of FSDP2's DTensor parameters.
+
+    bitsandbytes' kernels have no DTensor rules ("does not have a sharding strategy registered"), but
+    AdamW and Lion update every element on its own, so updating each local shard is the same update.
+    The local tensors share storage with the shards (and, once `take_grads` ran, with their
+    gradients), so in-place work on either side is seen by the other.
+    """
+
+    def __init__(self, cls, groups, **kwargs):
+        self.sharded = [p for g in groups for p in g["params"]]
+        with torch.no_grad():
+            self.local = {id(p): p.to_local().detach() for p in self.sharded}
+        local_groups = [{**g, "params": [self.local[id(p)] for p in g["params"]]} for g in groups]
+        self.inner = cls(local_groups, **kwargs)
+        self.param_groups = self.inner.param_groups
+
+    def take_grads(self) -> None:
+        for p in self.sharded:
+            self.local[id(p)].grad = None if p.grad is None else p.grad.to_local()
+
+    def step(self) -> None:
+        self.take_grads()
+        self.inner.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.sharded:
+            p.grad = None
+        self.inner.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)
