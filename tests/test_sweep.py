@@ -1,0 +1,171 @@
+"""ftkit sweep: grid, random and paired search spaces, trials in their own processes and run folders,
+a ranked results table, --resume, and W&B's agent driving ftkit (offline, as far as wandb allows)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from builders import REPO, recipe_file
+
+from ftkit import sweep as sweeps
+from ftkit.errors import FtkitError, RecipeError
+from ftkit.recipe import load_recipes
+
+
+def env(tmp_path):
+    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'backends'}", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+            "WANDB_DIR": str(tmp_path / "wandb-default"), "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
+            "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"), "WANDB_SILENT": "true", "COLUMNS": "200"}
+
+
+def sweep_file(tmp_path, base, body):
+    p = tmp_path / "lr.toml"
+    p.write_text(f'[sweep]\nrecipe = "{base.name}"\n' + body)
+    return p
+
+
+def test_grid_random_and_paired_points(tmp_path, tiny_model_dir, small_data):
+    base = recipe_file(tmp_path, tiny_model_dir, small_data, "base")
+    grid = sweeps.load_sweep(sweep_file(tmp_path, base, (
+        '[sweep.parameters]\n"train.lr" = [1e-3, 3e-3]\n[sweep.parameters.train]\nwarmup = [0, 2]\n'
+        '[[sweep.paired]]\n"method.rank" = [2, 4, 8]\n"method.alpha" = [4, 8, 16]\n')))
+    pts = sweeps.points(grid)
+    assert len(pts) == 2 * 2 * 3
+    assert {(p["method.rank"], p["method.alpha"]) for p in pts} == {(2, 4), (4, 8), (8, 16)}  # paired: together
+    assert pts[0] == {"train.lr": 1e-3, "train.warmup": 0, "method.rank": 2, "method.alpha": 4}
+
+    rnd = sweeps.load_sweep(sweep_file(tmp_path, base, (
+        'method = "random"\ntrials = 20\nseed = 7\n[sweep.parameters]\n'
+        '"train.lr" = { min = 1e-5, max = 1e-2, distribution = "log_uniform" }\n"train.batch_size" = [2, 4]\n'
+        '"method.rank" = { min = 2, max = 6, distribution = "int_uniform" }\n')))
+    a, b = sweeps.points(rnd), sweeps.points(rnd)
+    assert a == b and len(a) == 20  # seeded
+    assert all(1e-5 <= p["train.lr"] <= 1e-2 and p["train.batch_size"] in (2, 4) and 2 <= p["method.rank"] <= 6 for p in a)
+    assert len({p["train.lr"] for p in a}) == 20 and isinstance(a[0]["method.rank"], int)
+
+
+@pytest.mark.parametrize("body, message", [
+    ('[sweep.parameters]\n"train.lr" = { min = 1e-4, max = 1e-3 }\n', "a grid needs a list of values"),
+    ('method = "random"\n[sweep.parameters]\n"train.lr" = [1e-3]\n', "needs sweep.trials"),
+    ('[[sweep.paired]]\n"method.rank" = [2, 4]\n"method.alpha" = [4]\n', "all of one length"),
+    ('metric = "loss"\n[sweep.parameters]\n"train.lr" = [1e-3]\n', "KIND.KEY"),
+    ('[sweep.parameters]\n"lr" = [1e-3]\n', "SECTION.KEY"),
+])
+def test_bad_sweep_files_are_refused(tmp_path, tiny_model_dir, small_data, body, message):
+    base = recipe_file(tmp_path, tiny_model_dir, small_data, "base")
+    with pytest.raises(RecipeError, match=message):
+        sweeps.load_sweep(sweep_file(tmp_path, base, body))
+
+
+def test_a_bad_trial_value_is_refused_before_any_trial_runs(tmp_path, tiny_model_dir, small_data):
+    base = recipe_file(tmp_path, tiny_model_dir, small_data, "base")
+    spec = sweeps.load_sweep(sweep_file(tmp_path, base, '[sweep.parameters]\n"train.lr" = [1e-3, -1.0]\n"train.sceduler" = ["linear"]\n'))
+    with pytest.raises(RecipeError) as e:
+        sweeps.run(spec)
+    text = str(e.value)
+    assert "trial-001" in text and "train.lr" in text and "Did you mean 'scheduler'" in text
+    assert not list(spec.output_dir.glob("trial-*/trial.toml"))
+
+
+@pytest.mark.slow
+def test_sweep_runs_ranks_and_resumes(tmp_path, tiny_model_dir, small_data):
+    base = recipe_file(tmp_path, tiny_model_dir, small_data, "base",
+                       train={"iters": 3, "steps_per_eval": 3, "save_every": 3, "val_batches": 1})
+    sf = sweep_file(tmp_path, base, ('parallel = 2\n[sweep.parameters]\n"train.lr" = [1e-4, 1e-2]\n'
+                                     '[[sweep.paired]]\n"method.rank" = [2, 4]\n"method.alpha" = [4, 8]\n'))
+    out = tmp_path / "sweep-out"
+    cli = [sys.executable, "-m", "ftkit.cli", "sweep", str(sf), "--out", str(out), "--backend", "torch"]
+    done = subprocess.run(cli + ["--json"], capture_output=True, text=True, env=env(tmp_path), timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    trials = result["trials"]
+    assert len(trials) == 4 and all(t["status"] == "done" for t in trials)
+    losses = [t["metric"] for t in trials]
+    assert losses == sorted(losses)  # best first
+    assert result["best"]["id"] == trials[0]["id"]
+    for t in trials:  # each trial trained with its own values, in its own run folder
+        (recipe,) = load_recipes([tmp_path / "sweep-out" / t["id"] / "recipe.toml"])
+        assert recipe.train.lr == t["params"]["train.lr"] and recipe.method.rank == t["params"]["method.rank"]
+        assert recipe.method.alpha == 2 * recipe.method.rank
+        last_valid = [json.loads(line) for line in (out / t["id"] / "metrics.jsonl").read_text().splitlines()
+                      if '"valid"' in line][-1]
+        assert t["metric"] == pytest.approx(last_valid["loss"])
+        assert (out / t["id"] / "adapter" / "adapter_model.safetensors").exists()
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["trial"] for r in rows] == [t["id"] for t in trials] and float(rows[0]["valid.loss"]) == pytest.approx(losses[0])
+
+    # Without --resume the finished sweep is not overwritten; with it, only the unfinished trial runs.
+    again = subprocess.run(cli, capture_output=True, text=True, env=env(tmp_path), timeout=600)
+    assert again.returncode == 2 and "--resume" in again.stdout + again.stderr
+    redo = out / trials[-1]["id"]
+    record = json.loads((redo / "trial.json").read_text())
+    (redo / "trial.json").write_text(json.dumps({**record, "status": "failed"}))
+    before = {t["id"]: (out / t["id"] / "metrics.jsonl").stat().st_mtime_ns for t in trials}
+    resumed = subprocess.run(cli + ["--resume"], capture_output=True, text=True, env=env(tmp_path), timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "1 to run, 3 finished earlier" in resumed.stderr and "best first" in resumed.stderr  # progress on stderr
+    after = {t["id"]: (out / t["id"] / "metrics.jsonl").stat().st_mtime_ns for t in trials}
+    assert [i for i in before if before[i] != after[i]] == []  # the run folder was complete: --resume auto only reported
+    assert json.loads((redo / "trial.json").read_text())["status"] == "done"
+
+
+def test_trials_are_pinned_one_gpu_each(tmp_path, tiny_model_dir, small_data, monkeypatch):
+    base = recipe_file(tmp_path, tiny_model_dir, small_data, "base")
+    spec = sweeps.load_sweep(sweep_file(tmp_path, base, 'parallel = 2\ngpus = [3, 5]\n[sweep.parameters]\n"train.lr" = [1e-3, 2e-3, 3e-3, 4e-3]\n'))
+    seen = []
+
+    def fake_run(sweep, t, gpu, backend, say):  # what each trial's process would see as CUDA_VISIBLE_DEVICES
+        seen.append((t.id, gpu))
+        t.status, t.metric = "done", float(t.params["train.lr"])
+
+    monkeypatch.setattr(sweeps, "_run_one", fake_run)
+    ranked = sweeps.run(spec)
+    assert {g for _, g in seen} == {"3", "5"} and len(seen) == 4
+    assert [t.params["train.lr"] for t in ranked] == [1e-3, 2e-3, 3e-3, 4e-3]
+
+
+def test_wandb_agent_function_trains_with_the_sweeps_values(tmp_path, tiny_model_dir, small_data):
+    """What `wandb.agent` does for each trial, minus its server: it writes the trial's values with wandb's
+    own config writer, sets WANDB_SWEEP_ID / WANDB_RUN_ID / WANDB_SWEEP_PARAM_PATH, and calls ftkit's function,
+    whose wandb.init() (offline here) picks them up."""
+    pytest.importorskip("wandb")
+    base = recipe_file(tmp_path, tiny_model_dir, small_data, "base", train={"iters": 2, "steps_per_eval": 2, "save_every": 2})
+    sf = sweep_file(tmp_path, base, f'output_dir = "{tmp_path / "agent"}"\n')
+    params = tmp_path / "sweep-abc" / "config-run42.yaml"
+    code = (
+        "import json, os, sys\n"
+        "from wandb.sdk.lib import config_util\n"
+        f"config_util.save_config_file_from_dict({str(params)!r}, {{'train.lr': {{'value': 0.005}}, 'method': {{'value': {{'rank': 2}}}}}})\n"
+        f"os.environ.update(WANDB_MODE='offline', WANDB_SWEEP_ID='abc', WANDB_RUN_ID='run42', WANDB_SWEEP_PARAM_PATH={str(params)!r})\n"
+        "from ftkit import sweep\n"
+        "spec = sweep.load_sweep(sys.argv[1], need_space=False); spec.backend = 'torch'\n"
+        "print(json.dumps(sweep.agent_trial(spec)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(sf)], capture_output=True, text=True, env=env(tmp_path), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    trial = json.loads(out.stdout.strip().splitlines()[-1])
+    assert trial["id"] == "run42" and trial["params"] == {"train.lr": 0.005, "method.rank": 2}
+    (recipe,) = load_recipes([tmp_path / "agent" / "run42" / "recipe.toml"])
+    assert recipe.train.lr == 0.005 and recipe.method.rank == 2 and "wandb" in recipe.log.report_to
+    from tracker_files import read_wandb
+
+    (folder,) = (tmp_path / "agent" / "wandb").glob("offline-run-*")
+    logged = read_wandb(folder)
+    assert logged["run_id"] == "run42" and logged["config"]["train.lr"] == 0.005
+    assert logged["config"]["train"]["lr"] == 0.005  # ftkit's resolved recipe, in the same run
+    assert [row["valid/loss"] for row in logged["history"] if "valid/loss" in row] == pytest.approx(
+        [r["loss"] for r in map(json.loads, (tmp_path / "agent" / "run42" / "metrics.jsonl").read_text().splitlines())
+         if r["kind"] == "valid"])
+
+
+def test_sweep_without_a_base_is_an_error(tmp_path):
+    p = tmp_path / "s.toml"
+    p.write_text('[sweep]\nrecipe = "missing.toml"\n')
+    with pytest.raises(FtkitError, match="missing.toml"):
+        sweeps.load_sweep(p)
