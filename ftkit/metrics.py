@@ -24,10 +24,13 @@ class MetricsLog:
     Each line is flushed as it is written, so a crashed run keeps everything up to its last step.
     """
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True):
+    def __init__(self, run_dir: str | Path, enabled: bool = True, trackers: Any = None):
         self.path = Path(run_dir) / FILENAME
         self.enabled = enabled  # off in all but the first process of a multi-process run
         self._file = None
+        # ftkit.tracking.Trackers (W&B, TensorBoard, MLflow), fed every record written here.
+        self.trackers = trackers if enabled else None
+        self._sent_until = -1  # steps up to this reached the trackers in an earlier process of this run
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -35,15 +38,29 @@ class MetricsLog:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", encoding="utf-8")
+        if record.get("kind") == "run" and self.trackers is not None and "hardware" not in record:
+            from ftkit.tracking import hardware_summary
+
+            record = {**record, "hardware": hardware_summary()}
         line = json.dumps({**record, "time": time.time()}, default=_jsonable)
         self._file.write(line + "\n")
         self._file.flush()
+        if self.trackers is not None and (record.get("kind") == "run" or (record.get("step") or 0) > self._sent_until):
+            self.trackers.log(record)
+
+    def _note_sent(self) -> None:
+        """Before the log is cut back for a resume: what it holds was already sent to the trackers."""
+        # Only a run whose trackers were started before (trackers.json) continues their runs.
+        if self.trackers is not None and self.path.exists() and (self.path.parent / "trackers.json").exists():
+            steps = [r["step"] for r in self.read(self.path) if isinstance(r.get("step"), int) and r.get("kind") != "run"]
+            self._sent_until = max(steps, default=-1)
 
     def truncate_after(self, step: int) -> None:
         """Keep only records with step <= `step`: a resumed run re-logs the steps after its checkpoint."""
-        self.close()
+        self._close_file()
         if not self.enabled or not self.path.exists():
             return
+        self._note_sent()
         kept = [r for r in self.read(self.path) if r.get("step") is None or r["step"] <= step]
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
@@ -51,20 +68,27 @@ class MetricsLog:
 
     def clear(self) -> None:
         """Start the log afresh: a run killed before its first checkpoint starts again from step 0."""
-        self.close()
+        self._close_file()
         if self.enabled:
+            self._note_sent()
             self.path.unlink(missing_ok=True)
 
-    def close(self) -> None:
+    def _close_file(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
 
+    def close(self, ok: bool = True) -> None:
+        """Close the file and finish the tracker runs (`ok` False marks them failed)."""
+        self._close_file()
+        if self.trackers is not None:
+            self.trackers.close(ok)
+
     def __enter__(self) -> MetricsLog:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(ok=exc_type is None)
 
     @staticmethod
     def read(path: str | Path) -> list[dict[str, Any]]:
