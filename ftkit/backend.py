@@ -36,6 +36,9 @@ class Batch:
     targets: "np.ndarray"  # int32 [B, T]
     mask: "np.ndarray"  # float32 [B, T]
     attention_mask: "np.ndarray"  # int32 [B, T]
+    # Packed rows (ftkit.packing): each token's position within its example, restarting at 0 where
+    # an example starts. Attention must stay inside each example; None for one example per row.
+    positions: "np.ndarray | None" = None
 
     @property
     def n_targets(self) -> int:
@@ -59,11 +62,14 @@ class Backend(Protocol):
     def start_training(self) -> None:
         """Called once the starting adapter values are set: wrap for DDP/FSDP, make the optimizer."""
 
-    def forward_backward(self, batch: Batch, scale: float) -> float:
-        """Accumulate gradients of `scale * sum(target-token losses)`; return the unscaled sum."""
+    def forward_backward(self, batch: Batch, scale: float, sync: bool = True) -> Any:
+        """Accumulate gradients of `scale * sum(target-token losses)`; return the unscaled sum, as a
+        float or a device scalar (anything with `.item()`: the core reads it only when it reports, so
+        a step needs no host sync). `sync=False`: more micro-batches of this step follow, so several
+        processes need not reduce their gradients yet."""
 
-    def optimizer_step(self, lr: float) -> dict[str, float]:
-        """Clip, step at `lr`, zero the gradients; return e.g. {"grad_norm": ...}."""
+    def optimizer_step(self, lr: float) -> dict[str, Any]:
+        """Clip, step at `lr`, zero the gradients; return e.g. {"grad_norm": ...} (floats or device scalars)."""
 
     def reduce_sum(self, values: list[float]) -> list[float]:
         """Sum each value over the run's processes (the values themselves when there is one)."""

@@ -11,15 +11,16 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from ftkit import adapter as adapter_format
-from ftkit import adapter_layout, distributed, init
+from ftkit import adapter_layout, batching, distributed, init
 from ftkit import checkpoint as ckpt
-from ftkit.backend import Backend, Batch, get_backend
-from ftkit.data import Example, Splits, load_splits, make_batch
+from ftkit.backend import Backend, get_backend
+from ftkit.data import Example, Splits, load_splits
 from ftkit.distributed import World
 from ftkit.errors import FtkitError
 from ftkit.metrics import MetricsLog, plot_losses
@@ -66,35 +67,26 @@ def prepare(recipe: Recipe, run_dir: Path | None = None) -> Prepared:
     return Prepared(recipe, model_path, tokenizer, splits, schedule, Path(run_dir or recipe.output.dir), world)
 
 
-def micro_batch_indices(n: int, seed: int, position: int, size: int) -> list[int]:
-    """Example indices [position, position + size) of the stream of seeded per-epoch permutations.
-
-    The order is a pure function of (seed, position), so a resumed run needs only its position.
-    """
-    out, perms = [], {}
-    for p in range(position, position + size):
-        epoch = p // n
-        if epoch not in perms:
-            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
-        out.append(int(perms[epoch][p % n]))
-    return out
+def value(x: Any) -> float:
+    """A backend's number (a float, or a lazy device scalar) as a float: the only place the loop waits for the device."""
+    return float(x.item()) if hasattr(x, "item") else float(x)
 
 
-def evaluate(backend: Backend, examples: list[Example], batch_size: int, pad_id: int, max_batches: int | None = None,
-             world: World = World()) -> float:
-    """Token-weighted mean loss over the examples (every target token counts once), the batches
-    shared among the run's processes."""
-    starts = list(range(0, len(examples), batch_size))[:max_batches]
-    batches = [make_batch(examples[s : s + batch_size], pad_id) for s in starts]
-    mine = world.share(batches)
+def evaluate(backend: Backend, examples: Sequence[Example], batch_size: int, pad_id: int, max_batches: int | None = None,
+             world: World = World(), packing: bool = False) -> float:
+    """Token-weighted mean loss over the examples (every target token counts once), the micro-batches
+    shared among the run's processes. `max_batches` counts batches of `batch_size` examples."""
+    if max_batches is not None:
+        examples = examples[: max_batches * batch_size]
+    part = batching.share(examples, batch_size, pad_id, packing, world)
     total, n = 0.0, 0
-    for i in range(math.ceil(len(batches) / world.size)):
-        if i < len(mine):
-            total += backend.eval_loss(mine[i])
-            n += mine[i].n_targets
+    for i in range(part.runs):
+        if i < len(part.batches):
+            total += backend.eval_loss(part.batches[i])
+            n += part.batches[i].n_targets
         else:
             # FSDP gathers weights inside every forward, so all processes run as many; this one is not counted.
-            backend.eval_loss(batches[0])
+            backend.eval_loss(part.filler())
     total, n = backend.reduce_sum([total, n])
     return total / n if n else float("nan")
 
@@ -133,6 +125,8 @@ class Trainer:
         self.main = self.world.is_main  # only the first process writes the run folder and prints
         self.quiet = quiet or not self.main
         self.pad_id = prep.tokenizer.pad_token_id
+        self.packing = self.recipe.packs
+        self._lengths: list[int] | None = None
         self.log = MetricsLog(self.run_dir, enabled=self.main)
 
     # ------------------------------------------------------------------ helpers
@@ -225,46 +219,54 @@ class Trainer:
             self._say(f"note: not used on {self.backend.name}: {unused}")
 
         if state["step"] == 0 and recipe.train.eval_before and splits.valid:
-            loss = evaluate(self.backend, splits.valid, recipe.train.batch_size, self.pad_id, sched.val_batches, self.world)
+            loss = evaluate(self.backend, splits.valid, recipe.train.batch_size, self.pad_id, sched.val_batches, self.world,
+                            self.packing)
             state["first_valid_loss"] = state["last_valid_loss"] = loss
             self.log.log({"step": 0, "kind": "valid", "loss": loss})
             self._say(f"step 0: validation loss {loss:.4f}")
 
         t0 = time.perf_counter() - state["elapsed"]
-        window = {"loss": 0.0, "targets": 0, "tokens": 0, "t": time.perf_counter()}
+        window = {"loss": 0.0, "targets": 0, "tokens": 0, "steps": 0, "t": time.perf_counter()}
         end = sched.total_steps if stop_after is None else min(sched.total_steps, stop_after)
         with TrainProgress(sched.total_steps, start=state["step"], enabled=not self.quiet) as bar:
             while state["step"] < end:
                 step = state["step"] + 1
-                batches = self._step_batches(state["position"])  # the whole step's, in every process
-                n_targets = sum(b.n_targets for b in batches)
+                part = self._step_share(state["position"])
                 lr = lr_at(step, recipe.train, sched)
-                loss_sum = sum(self.backend.forward_backward(b, 1.0 / n_targets) for b in self.world.share(batches))
-                (loss_sum,) = self.backend.reduce_sum([loss_sum])
+                for i in range(part.runs):  # losses stay on the device until the report
+                    last = i == part.runs - 1  # DDP / FSDP reduce the gradients once, after the last
+                    if i < len(part.batches):
+                        window["loss"] += self.backend.forward_backward(part.batches[i], 1.0 / part.targets, sync=last)
+                    else:
+                        self.backend.forward_backward(part.filler(), 0.0, sync=last)
                 stats = self.backend.optimizer_step(lr)
                 state.update(step=step, position=state["position"] + sched.examples_per_step)
-                state["trained_tokens"] += n_targets
-                window["loss"] += loss_sum
-                window["targets"] += n_targets
-                window["tokens"] += sum(b.n_tokens for b in batches)
-                if not math.isfinite(loss_sum):
-                    raise FtkitError(f"step {step}: the loss is {loss_sum}; lower train.lr or check the data.")
+                state["trained_tokens"] += part.targets
+                window["targets"] += part.targets
+                window["tokens"] += part.tokens
+                window["steps"] += 1
 
                 if sched.is_report(step):
+                    (loss_sum,) = self.backend.reduce_sum([value(window["loss"])])
+                    if not math.isfinite(loss_sum):
+                        first = step - window["steps"] + 1
+                        raise FtkitError(f"steps {first}-{step}: the loss is {loss_sum}; lower train.lr or check the data.")
                     now = time.perf_counter()
-                    train_loss = window["loss"] / window["targets"]
+                    train_loss = loss_sum / window["targets"]
                     tps = window["tokens"] / max(1e-9, now - window["t"])
                     state["last_train_loss"] = train_loss
                     rec = {"step": step, "kind": "train", "loss": train_loss, "lr": lr, "tokens_per_sec": tps,
-                           "trained_tokens": state["trained_tokens"], "elapsed": now - t0, **stats}
+                           "trained_tokens": state["trained_tokens"], "elapsed": now - t0,
+                           **{k: value(v) for k, v in stats.items()}}
                     self.log.log(rec)
                     bar.update(step, loss=train_loss, lr=lr, tokens_per_sec=tps)
-                    window = {"loss": 0.0, "targets": 0, "tokens": 0, "t": now}
+                    window = {"loss": 0.0, "targets": 0, "tokens": 0, "steps": 0, "t": now}
                 else:
                     bar.update(step, lr=lr)
                 if splits.valid and sched.is_eval(step):
                     t_eval = time.perf_counter()
-                    loss = evaluate(self.backend, splits.valid, recipe.train.batch_size, self.pad_id, sched.val_batches, self.world)
+                    loss = evaluate(self.backend, splits.valid, recipe.train.batch_size, self.pad_id, sched.val_batches, self.world,
+                            self.packing)
                     window["t"] += time.perf_counter() - t_eval  # tokens/s counts training time only
                     state["last_valid_loss"] = loss
                     self.log.log({"step": step, "kind": "valid", "loss": loss, "elapsed": time.perf_counter() - t0})
@@ -297,12 +299,13 @@ class Trainer:
         rows = lambda: self.backend.embedding_rows(init.prompt_init_ids(method, self.prep.tokenizer, seed))  # noqa: E731
         self.backend.set_adapter_tensors(init.draw(self.backend.adapter_tensors(), seed, rows if method.kind == "prompt" else None))
 
-    def _step_batches(self, position: int) -> list[Batch]:
-        train = self.recipe.train
-        idx = micro_batch_indices(len(self.prep.splits.train), train.seed, position, self.schedule.examples_per_step)
-        ex = self.prep.splits.train
-        return [make_batch([ex[i] for i in idx[j : j + train.batch_size]], self.pad_id)
-                for j in range(0, len(idx), train.batch_size)]
+    def _step_share(self, position: int) -> batching.Share:
+        train, ex = self.recipe.train, self.prep.splits.train
+        if train.group_by_length and self._lengths is None:
+            self._lengths = [len(e.ids) for e in ex]
+        lengths = self._lengths if train.group_by_length else None
+        idx = batching.step_indices(len(ex), train.seed, position, self.schedule.examples_per_step, lengths)
+        return batching.share([ex[i] for i in idx], train.batch_size, self.pad_id, self.packing, self.world)
 
     def _find_resume(self, resume: str | None) -> Path | None:
         existing = ckpt.latest_checkpoint(self.run_dir)

@@ -74,6 +74,10 @@ class DataSection(Section):
     messages_field: str = Field("messages", description="Column holding the messages (chat format).")
     subset: str | None = Field(None, description="Hub data set configuration name.")
     add_eos: bool = Field(True, description="Append the EOS token to text and completion examples (chat templates end their own turns).")
+    packing: Literal["auto", "on", "off"] = Field(
+        "auto", description="Several examples per row with attention kept inside each (no padding; the same losses and gradients). "
+        "auto = on, except for prompt/prefix tuning (virtual tokens belong to one example); off = one padded example per row."
+    )
 
 
 class TrainSection(Section):
@@ -110,6 +114,9 @@ class TrainSection(Section):
     saves_per_epoch: float | None = Field(None, gt=0, description="Checkpoints per epoch (axolotl).")
     adapter_save_interval_proportion: float = Field(0.1, gt=0, le=1, description="Steps between checkpoints, as a fraction of all steps.")
     keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints kept in the run folder.")
+    group_by_length: bool = Field(
+        False, description="Put examples of similar length in the same step (less padding when data.packing is off); each example still once per epoch."
+    )
     eval_before: bool = Field(True, description="Validate before the first step.")
 
     @model_validator(mode="after")
@@ -157,6 +164,13 @@ class Recipe(Section):
     @property
     def is_adapter(self) -> bool:
         return self.method.kind in ADAPTER_METHODS
+
+    @property
+    def packs(self) -> bool:
+        """Whether batches are packed (data.packing resolved for the method)."""
+        if self.data.packing == "auto":
+            return self.method.kind not in ("prompt", "prefix")
+        return self.data.packing == "on"
 
     def to_toml_dict(self) -> dict[str, Any]:
         return json.loads(self.model_dump_json(exclude_none=True))
@@ -294,6 +308,9 @@ def _check_combinations(r: Recipe, where: str) -> list[str]:
             f"{where}: data.train_on = 'completion' with text data needs data.response_template "
             "(the marker after which the completion starts), or set data.train_on = 'all'."
         )
+    if r.data.packing == "on" and r.method.kind in ("prompt", "prefix"):
+        errors.append(f"{where}: data.packing = 'on' cannot pack {r.method.kind} tuning: its virtual tokens start every "
+                      "example's row. Set data.packing = 'auto' or 'off'.")
     if r.method.kind == "full" and r.model.quantize != "none":
         errors.append(f"{where}: method.kind = 'full' cannot train a quantized base (model.quantize = '{r.model.quantize}').")
     if r.method.kind == "full" and r.method.resume_from:

@@ -14,7 +14,8 @@ pytest.importorskip("peft")
 from safetensors.numpy import load_file  # noqa: E402
 
 from ftkit.errors import AdapterMismatchError, FtkitError  # noqa: E402
-from ftkit.loop import Trainer, micro_batch_indices, prepare, run_stages  # noqa: E402
+from ftkit.batching import step_indices  # noqa: E402
+from ftkit.loop import Trainer, prepare, run_stages  # noqa: E402
 from ftkit.recipe import load_recipes  # noqa: E402
 from builders import recipe_file  # noqa: E402
 
@@ -198,10 +199,10 @@ def test_adapter_on_the_wrong_base_is_refused(tmp_path, tiny_model_dir, small_da
 
 
 def test_data_order_is_a_seeded_stream():
-    a = micro_batch_indices(10, seed=3, position=0, size=25)
+    a = step_indices(10, seed=3, position=0, size=25)
     assert sorted(a[:10]) == list(range(10)) and sorted(a[10:20]) == list(range(10))  # each epoch once
-    assert micro_batch_indices(10, 3, 13, 5) == a[13:18]  # resumable from any position
-    assert micro_batch_indices(10, 4, 0, 10) != a[:10]
+    assert step_indices(10, 3, 13, 5) == a[13:18]  # resumable from any position
+    assert step_indices(10, 4, 0, 10) != a[:10]
 
 
 def test_trains_without_mlx_installed(tmp_path, tiny_model_dir, small_data):

@@ -132,24 +132,26 @@ class MlxBackend:
         return info
 
     # ------------------------------------------------------------------ math
-    @staticmethod
-    def _arrays(batch: Batch):
-        return mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask)
+    def _arrays(self, batch: Batch):
+        packed = None if batch.positions is None else methods.packed_attention(batch.positions, self.num_layers)
+        return mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask), packed
 
     @staticmethod
-    def _loss_sum(tuned: methods.Tuned, inputs: mx.array, targets_: mx.array, mask: mx.array) -> mx.array:
-        logits = tuned(inputs).astype(mx.float32)
+    def _loss_sum(tuned: methods.Tuned, inputs: mx.array, targets_: mx.array, mask: mx.array, packed=None) -> mx.array:
+        logits = tuned(inputs, cache=packed).astype(mx.float32)
         return (nn.losses.cross_entropy(logits, targets_, reduction="none") * mask).sum()
 
-    def forward_backward(self, batch: Batch, scale: float) -> float:
+    def forward_backward(self, batch: Batch, scale: float, sync: bool = True) -> mx.array:
+        inputs, targets_, mask, packed = self._arrays(batch)
+
         def scaled(tuned, inputs, targets_, mask):
-            loss = self._loss_sum(tuned, inputs, targets_, mask)
+            loss = self._loss_sum(tuned, inputs, targets_, mask, packed)
             return loss * scale, loss
 
-        (_, loss), grads = nn.value_and_grad(self.tuned, scaled)(self.tuned, *self._arrays(batch))
+        (_, loss), grads = nn.value_and_grad(self.tuned, scaled)(self.tuned, inputs, targets_, mask)
         self.grads = grads if self.grads is None else tree_map(mx.add, self.grads, grads)
         mx.eval(loss, self.grads)
-        return loss.item()
+        return loss  # evaluated; the core reads it at the next report
 
     def start_training(self) -> None:
         """Nothing to wrap: one process, and the optimizer is made at load."""
@@ -160,7 +162,7 @@ class MlxBackend:
     def barrier(self) -> None:
         pass
 
-    def optimizer_step(self, lr: float) -> dict[str, float]:
+    def optimizer_step(self, lr: float) -> dict[str, Any]:
         grads, self.grads = self.grads, None
         norm = mlx_optim.global_norm(grads)
         max_norm = self.recipe.train.max_grad_norm
@@ -173,7 +175,7 @@ class MlxBackend:
         self.optimizer.update(self.tuned, grads)
         mx.eval(self.tuned.trainable_parameters(), self.optimizer.state)
         self._reseed()
-        return {"grad_norm": norm.item()}
+        return {"grad_norm": norm}
 
     def _reseed(self) -> None:
         """Dropout's randomness for the next step, as a function of (seed, step).

@@ -64,6 +64,40 @@ class Tuned(nn.Module):
         return logits[:, self.n_virtual :]
 
 
+class PackedAttention:
+    """Stands in for mlx-lm's per-layer KV cache during a packed forward pass.
+
+    mlx-lm models ask the cache for their attention mask (`make_mask`) and for the RoPE offset; this
+    one answers with a block-diagonal causal mask (attention stays inside each packed example) and
+    offset 0, and stores nothing. Positions need no restart per example: RoPE scores depend only on
+    the distance between two tokens, and no token sees another example.
+    """
+
+    offset = 0
+
+    def __init__(self, mask: mx.array):
+        self.mask = mask
+
+    def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None) -> mx.array:
+        if window_size is None:
+            return self.mask
+        q, k = mx.arange(n)[:, None], mx.arange(n)[None, :]
+        return mx.logical_and(self.mask, (q - k) < window_size)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        return keys, values
+
+
+def packed_attention(positions: np.ndarray, n_layers: int) -> list[PackedAttention]:
+    """The cache list for `Tuned.__call__` that keeps attention inside each example of packed rows."""
+    from ftkit.packing import segment_ids
+
+    seg = segment_ids(positions)
+    causal = np.tril(np.ones((positions.shape[1],) * 2, dtype=bool))
+    mask = (seg[:, :, None] == seg[:, None, :]) & causal  # [B, T, T]
+    return [PackedAttention(mx.array(mask[:, None]))] * n_layers  # one object: it holds no state
+
+
 def attach_lora(model: nn.Module, modules: list[str], ranks: dict[str, int], scale: float, dropout: float, dora: bool) -> None:
     layer_cls = DoRALinear if dora else LoRALinear
     found = dict(model.named_modules())

@@ -69,6 +69,15 @@ def _virtual_tokens(model) -> tuple[int, bool]:
     return (int(config.num_virtual_tokens) if config.peft_type.value != "PREFIX_TUNING" else 0), True
 
 
+def _takes_logits_to_keep(model) -> bool:
+    """transformers' causal LMs compute the output head only at `logits_to_keep` positions (a tensor
+    of indices); a model class without the argument gets every position."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
 def bnb_kind(recipe: Recipe) -> str:
     """model.quantize in bitsandbytes' terms: 4bit/8bit (MLX's spelling) mean nf4/int8 here."""
     return {"4bit": "nf4", "8bit": "int8"}.get(recipe.model.quantize, recipe.model.quantize)
@@ -158,6 +167,7 @@ class TorchBackend:
                                                     gradient_checkpointing_kwargs={"use_reentrant": False})
         model = attach_method(model, recipe.method, adapter=adapter, train=train)
         self.n_virtual, self.prompt_learning = _virtual_tokens(model)
+        self.selects_logits = not self.prompt_learning and _takes_logits_to_keep(model)
         if train and cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(model, "enable_input_require_grads"):
@@ -212,27 +222,52 @@ class TorchBackend:
         }
 
     # ------------------------------------------------------------------ math
-    def _tensors(self, batch: Batch):
-        as_t = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(self.device, dt, non_blocking=True)  # noqa: E731
-        return (as_t(batch.inputs, torch.long), as_t(batch.targets, torch.long),
-                as_t(batch.mask, torch.float32), as_t(batch.attention_mask, torch.long))
+    def _tensor(self, a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(self.device, dtype, non_blocking=True)
 
     def _loss_sum(self, batch: Batch, model) -> torch.Tensor:
-        inputs, targets, mask, attn = self._tensors(batch)
+        kwargs: dict[str, Any] = {"input_ids": self._tensor(batch.inputs, torch.long)}
+        if batch.positions is not None:
+            # No attention mask: transformers then reads the packed examples from the position ids
+            # and keeps attention inside each (block-diagonal causal mask, or varlen flash attention).
+            kwargs["position_ids"] = self._tensor(batch.positions, torch.long)
+        else:
+            kwargs["attention_mask"] = self._tensor(batch.attention_mask, torch.long)
+        targets, mask = batch.targets, batch.mask
+        keep = np.flatnonzero(mask.any(axis=0))
+        if self.selects_logits and len(keep) < mask.shape[1]:
+            # Logits only where some row has a target (the completion, the assistant turns): the
+            # output head and its full-vocabulary softmax are the largest single cost of a step.
+            kwargs["logits_to_keep"] = self._tensor(keep, torch.long)
+            targets, mask = targets[:, keep], mask[:, keep]
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            logits = model(input_ids=inputs, attention_mask=attn).logits[:, self.n_virtual :]
-        losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-        return (losses * mask.flatten()).sum()
+            logits = model(**kwargs).logits[:, self.n_virtual :]
+        losses = F.cross_entropy(logits.float().flatten(0, 1), self._tensor(targets, torch.long).flatten(), reduction="none")
+        return (losses * self._tensor(mask, torch.float32).flatten()).sum()
 
-    def forward_backward(self, batch: Batch, scale: float) -> float:
-        loss = self._loss_sum(batch, self.train_model)
-        # `scale` is 1 / the step's target tokens over all processes; DDP and FSDP average the
-        # processes' gradients, so each process's sum is scaled up by their number first.
-        scaled = loss * (scale * self.world.size)
-        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-        return loss.item()
+    def forward_backward(self, batch: Batch, scale: float, sync: bool = True) -> torch.Tensor:
+        with self._gradient_sync(sync):
+            loss = self._loss_sum(batch, self.train_model)
+            # `scale` is 1 / the step's target tokens over all processes; DDP and FSDP average the
+            # processes' gradients, so each process's sum is scaled up by their number first.
+            scaled = loss * (scale * self.world.size)
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        return loss.detach()  # read by the core at the next report: no host sync per micro-batch
 
-    def optimizer_step(self, lr: float) -> dict[str, float]:
+    def _gradient_sync(self, sync: bool):
+        """Reduce gradients across processes only after a step's last micro-batch."""
+        import contextlib
+
+        if self.world.size == 1 or sync:
+            if self.sharded:
+                self.model.set_requires_gradient_sync(True)
+            return contextlib.nullcontext()
+        if self.sharded:
+            self.model.set_requires_gradient_sync(False)
+            return contextlib.nullcontext()
+        return self.train_model.no_sync()
+
+    def optimizer_step(self, lr: float) -> dict[str, Any]:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         max_norm = self.recipe.train.max_grad_norm
@@ -240,9 +275,9 @@ class TorchBackend:
             self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm if max_norm else float("inf"))
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a sharded norm
-        stats = {"grad_norm": float(norm)}
+        stats: dict[str, Any] = {"grad_norm": norm.detach()}  # tensors: the core reads them at reports only
         if self.scaler:
-            stats["loss_scale"] = float(self.scaler.get_scale())
+            stats["loss_scale"] = self.scaler.get_scale()
             self.scaler.step(self.optimizer)  # skipped when the gradients overflowed
             self.scaler.update()
         else:
