@@ -88,6 +88,9 @@ def train(
     """Train: LoRA, DoRA, soft prompt or full fine-tuning, as the recipe says."""
     try:
         stages = _recipes(recipes, set_)
+        from ftkit.tracking import require
+
+        require(stages)  # a tracker in log.report_to that is not installed: said before any data or model is read
         if dry_run:
             from ftkit.loop import prepare, stage_dirs
 
@@ -417,6 +420,81 @@ def recipe_check(
     else:
         for r in stages:
             sys.stdout.write(f"# {r.name}\n{r.to_toml()}\n")
+
+
+@app.command()
+def sweep(
+    sweep_file: Annotated[Path, typer.Argument(help="A sweep TOML: [sweep] (method, metric, parameters, paired ...) and a base recipe (sweep.recipe, or its sections in the same file).")],
+    resume: Annotated[bool, typer.Option("--resume", help="Skip the trials that finished; run the rest (an interrupted trial continues from its checkpoint).")] = False,
+    parallel: Annotated[Optional[int], typer.Option("--parallel", min=1, help="Trials at a time (default: sweep.parallel); with GPUs each trial is pinned to one.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Sweep folder (default: sweep.output_dir, else runs/<sweep file name>).")] = None,
+    backend: Annotated[Optional[str], typer.Option("--backend", "-b", help="auto | torch | mlx (default: sweep.backend, else auto).")] = None,
+    wandb_agent: Annotated[Optional[str], typer.Option("--wandb-agent", help="Run a W&B sweep's agent (SWEEP_ID, or entity/project/SWEEP_ID) with ftkit as its function: W&B picks the values.")] = None,
+    count: Annotated[Optional[int], typer.Option("--count", min=1, help="With --wandb-agent: trials this agent runs.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a base recipe over a search space (grid, random, paired values), one run folder per trial, and rank the trials."""
+    from ftkit import sweep as sweeps
+    from ftkit.progress import console
+
+    try:
+        spec = sweeps.load_sweep(sweep_file, {"parallel": parallel, "output_dir": str(out.resolve()) if out else None, "backend": backend},
+                                need_space=not wandb_agent)
+        if wandb_agent:
+            import importlib.util
+
+            from ftkit.tracking import PACKAGES
+
+            if importlib.util.find_spec("wandb") is None:
+                raise FtkitError(f"--wandb-agent needs the wandb package: {PACKAGES['wandb'][1]}")
+            sweeps.run_wandb_agent(spec, wandb_agent, count)
+            return
+        say = (lambda _m: None) if as_json else (lambda m: console().print(m, highlight=False))
+        ranked = sweeps.run(spec, resume=resume, say=say)
+    except FtkitError as e:
+        _fail(e, as_json)
+    if as_json:
+        _emit(json.loads((spec.output_dir / sweeps.RESULTS_JSON).read_text()))
+        return
+    console().print(sweeps.results_table(spec, ranked))
+    console().print(f"results: {spec.output_dir / sweeps.RESULTS_CSV}")
+    if any(t.status != "done" for t in ranked):
+        raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    src: Annotated[Path, typer.Argument(help="An adapter folder (ftkit, PEFT or mlx_lm; or a hub id), or with --merged also a fused model folder.")],
+    format: Annotated[str, typer.Option("--format", help="gguf: for llama.cpp and Ollama.")] = "gguf",
+    merged: Annotated[bool, typer.Option("--merged", help="Write the fused model (the adapter merged into its base) instead of the adapter.")] = False,
+    outtype: Annotated[Optional[str], typer.Option("--outtype", help="f32 | f16 | bf16 | q8_0. Default: f32 for an adapter, f16 for --merged.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="The .gguf file (default: beside the adapter, named after the run).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="The base model (default: the one the adapter records).")] = None,
+    backend: BackendOpt = "auto",
+    force: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write an adapter as a GGUF LoRA (llama.cpp --lora, Ollama ADAPTER), or with --merged the fused model as GGUF."""
+    from ftkit import export_gguf
+
+    try:
+        if format != "gguf":
+            raise FtkitError(f"--format {format}: ftkit exports gguf (for safetensors, the adapter folder is PEFT's format already; `ftkit fuse` writes a fused model folder).")
+        if merged:
+            result = export_gguf.export_merged(src, out, model=model, outtype=outtype or "f16", backend=backend, force=force)
+        else:
+            result = export_gguf.export_lora(src, out, model=model, outtype=outtype or "f32", force=force)
+    except FtkitError as e:
+        _fail(e, as_json)
+    if as_json:
+        _emit(result)
+        return
+    from ftkit.progress import console
+
+    what = "fused model" if merged else f"LoRA, {result['modules']} modules, rank {result['rank']}, alpha {result['alpha']:g}"
+    console().print(f"wrote {result['gguf']} ({result['bytes'] / 2**20:.2f} MiB, {result['outtype']}, {what})")
+    if not merged:
+        console().print(f"  llama.cpp: llama-cli -m BASE.gguf --lora {result['gguf']}   Ollama: ADAPTER {result['gguf']} in the Modelfile")
 
 
 def main() -> None:

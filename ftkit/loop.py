@@ -127,7 +127,10 @@ class Trainer:
         self.pad_id = prep.tokenizer.pad_token_id
         self.packing = self.recipe.packs
         self._lengths: list[int] | None = None
-        self.log = MetricsLog(self.run_dir, enabled=self.main)
+        from ftkit.tracking import for_recipe  # W&B / TensorBoard / MLflow, fed by the metrics log
+
+        self.log = MetricsLog(self.run_dir, enabled=self.main, trackers=for_recipe(self.recipe, self.run_dir) if self.main else None)
+
 
     # ------------------------------------------------------------------ helpers
     def _say(self, msg: str) -> None:

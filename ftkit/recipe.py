@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ftkit.errors import RecipeError
 
@@ -151,6 +151,31 @@ class MlxSection(Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass.")
 
 
+class LogSection(Section):
+    report_to: list[Literal["wandb", "tensorboard", "mlflow"]] = Field(
+        default_factory=list, description='Experiment trackers, several at once: ["wandb", "tensorboard", "mlflow"] (each an optional extra: pip install "ftkit[wandb]").'
+    )
+    project: str = Field("ftkit", description="W&B project, and the MLflow experiment.")
+    run_name: str | None = Field(None, description="The tracker run's name (default: the recipe's name).")
+    tags: list[str] = Field(default_factory=list, description="W&B tags (MLflow: ftkit.tag.<tag> run tags).")
+    entity: str | None = Field(None, description="W&B entity (user or team); default: your W&B default.")
+    group: str | None = Field(None, description="W&B run group (sweeps set it to the sweep's name).")
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = Field(
+        "auto", description="auto: $WANDB_MODE, else online. offline writes <run>/wandb/ for a later `wandb sync`."
+    )
+    tensorboard_dir: str | None = Field(None, description="TensorBoard event files (default: <run>/tensorboard).")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [] if v in ("none", "") else [v]
+        return v
+
+
 class Recipe(Section):
     model: ModelSection
     method: MethodSection = MethodSection()
@@ -159,6 +184,7 @@ class Recipe(Section):
     output: OutputSection = OutputSection()
     torch: TorchSection = TorchSection()
     mlx: MlxSection = MlxSection()
+    log: LogSection = LogSection()
     name: str | None = Field(None, description="Stage name; defaults to the recipe file's stem.")
 
     @property
@@ -189,7 +215,7 @@ class Recipe(Section):
 
 # ---------------------------------------------------------------- loading and errors
 
-PATH_KEYS = {("model", "path"), ("data", "path"), ("method", "resume_from"), ("output", "dir")}
+PATH_KEYS = {("model", "path"), ("data", "path"), ("method", "resume_from"), ("output", "dir"), ("log", "tensorboard_dir")}
 
 
 def _section_fields(section: str) -> list[str]:
