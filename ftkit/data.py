@@ -495,6 +495,16 @@ def _assistant_spans_by_offsets(tokenizer: Any, messages: list[dict], text: str,
 
 
 def load_splits(data: "DataSection", tokenizer: Any) -> Splits:
+    """The recipe's data as tokenized splits: from ftkit's token cache (memory-mapped, ftkit.token_cache)
+    when data.cache is on and nothing they depend on changed; tokenized (and cached) otherwise."""
+    if not data.cache:
+        return tokenize_splits(data, tokenizer)
+    from ftkit import token_cache
+
+    return token_cache.load(data, tokenizer, tokenize_splits)
+
+
+def tokenize_splits(data: "DataSection", tokenizer: Any) -> Splits:
     parts = _read_parts(data)
     fmt = detect_format(parts["train"].rows, data, parts["train"].source)
     train_on = resolve_train_on(data.train_on, fmt, data.response_template)

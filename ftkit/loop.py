@@ -305,7 +305,7 @@ class Trainer:
     def _step_share(self, position: int) -> batching.Share:
         train, ex = self.recipe.train, self.prep.splits.train
         if train.group_by_length and self._lengths is None:
-            self._lengths = [len(e.ids) for e in ex]
+            self._lengths = ex.lengths() if hasattr(ex, "lengths") else [len(e.ids) for e in ex]  # cached splits know them
         lengths = self._lengths if train.group_by_length else None
         idx = batching.step_indices(len(ex), train.seed, position, self.schedule.examples_per_step, lengths)
         return batching.share([ex[i] for i in idx], train.batch_size, self.pad_id, self.packing, self.world)

@@ -74,6 +74,7 @@ class DataSection(Section):
     messages_field: str = Field("messages", description="Column holding the messages (chat format).")
     subset: str | None = Field(None, description="Hub data set configuration name.")
     add_eos: bool = Field(True, description="Append the EOS token to text and completion examples (chat templates end their own turns).")
+    cache: bool = Field(True, description="Keep the tokenized splits in ftkit's cache ($FTKIT_CACHE/tokens), memory-mapped: tokenize once, flat memory.")
     packing: Literal["auto", "on", "off"] = Field(
         "auto", description="Several examples per row with attention kept inside each (no padding; the same losses and gradients). "
         "auto = on, except for prompt/prefix tuning (virtual tokens belong to one example); off = one padded example per row."
