@@ -201,77 +201,147 @@ def _print_plans(plans: list[dict[str, Any]]) -> None:
 
 @app.command("eval")
 def eval_(
-    recipe: Annotated[Path, typer.Argument(help="The recipe whose data (test split by default) to evaluate on.")],
+    recipe: Annotated[Path, typer.Argument(help="The recipe whose data (its eval.split, test by default) to evaluate on, with its [eval] task metrics.")],
     adapter: Annotated[Optional[Path], typer.Option(help="Adapter folder (or a full fine-tune's model folder). Without it: the base model.")] = None,
-    split: Annotated[str, typer.Option(help="test | valid | train")] = "test",
+    split: Annotated[Optional[str], typer.Option(help="test | valid | train (default: the recipe's eval.split, test).")] = None,
+    compare: Annotated[Optional[bool], typer.Option("--compare/--no-compare", help="Also evaluate the base model, for a before/after table (default: on with --adapter when the recipe has [eval] tasks).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Where to save the JSON result (default: <run folder>/eval-<split>.json, when there are tasks or a comparison).")] = None,
     backend: BackendOpt = "auto",
     set_: SetOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Loss and perplexity on a split of the recipe's data."""
-    from ftkit.evaluation import evaluate_split
+    """Loss, perplexity and the recipe's [eval] task metrics (accuracy, macro-F1, exact match ...), base vs adapter."""
+    from ftkit.evaluation import evaluate_recipe
 
     try:
-        if split not in ("test", "valid", "train"):
+        if split not in (None, "test", "valid", "train"):
             raise FtkitError(f"--split {split}: choose test, valid or train.")
         (r,) = _recipes([recipe], set_)
-        out = evaluate_split(r, backend, adapter, split)
+        result = evaluate_recipe(r, backend, adapter, split, compare, out)
     except FtkitError as e:
         _fail(e, as_json)
     if as_json:
-        _emit(out)
-    else:
-        from ftkit.progress import console
+        _emit(result)
+        return
+    from ftkit.progress import console
 
-        console().print(f"{split}: loss {out['loss']:.4f}, perplexity {out['perplexity']:.3f} "
-                        f"({out['examples']} examples, {out['target_tokens']} target tokens, {out['backend']})")
+    if result.get("before") is None and not result["tasks"]:
+        console().print(f"{result['split']}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.3f} "
+                        f"({result['examples']} examples, {result['target_tokens']} target tokens, {result['backend']})")
+        return
+    _print_eval(result)
+
+
+def _print_eval(result: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from ftkit.evaluation import comparison_rows
+    from ftkit.progress import console
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    compared = result.get("before") is not None
+    t = Table(title=f"{result['split']} split, {result['examples']} examples ({result['backend']})")
+    t.add_column("metric")
+    if compared:
+        t.add_column("base", justify="right")
+    t.add_column("adapter" if result.get("adapter") else "base", justify="right")
+    if compared:
+        t.add_column("change", justify="right")
+    for name, before, after in comparison_rows(result):
+        change = f"{after - before:+.4f}" if isinstance(before, (int, float)) and isinstance(after, (int, float)) else "-"
+        t.add_row(name, *([cell(before)] if compared else []), cell(after), *([change] if compared else []))
+    console().print(t)
+    for name, m in result["tasks"].items():
+        if m.get("top_confusions"):
+            pairs = ", ".join(f"{c['gold']} -> {c['predicted']} ({c['count']})" for c in m["top_confusions"])
+            console().print(f"{name}: top confusions: {pairs}", highlight=False)
+    if result.get("saved"):
+        console().print(f"saved: {result['saved']}")
 
 
 @app.command()
 def generate(
     model: Annotated[str, typer.Option(help="Base model: local folder, .gguf file, or hub id.")],
-    prompt: Annotated[str, typer.Option(help="The prompt.")],
+    prompt: Annotated[Optional[str], typer.Option(help="The prompt (or build one with --loom).")] = None,
     adapter: Annotated[Optional[Path], typer.Option(help="Adapter folder (or a full fine-tune's model folder).")] = None,
+    format_: Annotated[str, typer.Option("--format", "-f", help="Prompt format: none (the text as it is) | auto (the tokenizer's chat template) | chatml | llama3 | mistral | alpaca | phi | gemma. Use the recipe's data.chat_format to match training.")] = "none",
+    chat: Annotated[bool, typer.Option(help="Same as --format auto.")] = False,
+    system: Annotated[Optional[str], typer.Option(help="System prompt (a chat format's system turn; with --format none, text before the prompt).")] = None,
+    loom: Annotated[Optional[Path], typer.Option(help="Build the prompt from a word loom TOML file (OgbujiPT's format).")] = None,
+    sections: Annotated[Optional[str], typer.Option("--sections", "--build-prompt", help='With --loom: "question", "system question" or "system context question" section names; a name written \\[file.txt] takes that file.')] = None,
+    marker: Annotated[Optional[list[str]], typer.Option("--marker", "-m", help="Fill a {marker} in the loom: NAME=VALUE, NAME=[VALUE] or NAME=@FILE (repeatable).")] = None,
+    markers: Annotated[Optional[list[Path]], typer.Option("--markers", help="A TOML or JSON file of marker values (repeatable; --marker wins).")] = None,
     max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 128,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = 1.0,
+    min_p: Annotated[float, typer.Option(help="Drop tokens below this fraction of the likeliest one's probability (0 = off).")] = 0.0,
     top_k: Annotated[int, typer.Option(help="Sample among the k likeliest (0 = off).")] = 0,
+    repetition_penalty: Annotated[float, typer.Option(help="Penalise tokens seen in the last --repetition-context-size tokens (1 = off; 1.1-1.3 typical).")] = 1.0,
+    repetition_context_size: Annotated[int, typer.Option(help="How many recent tokens (prompt included) the repetition penalty looks at.")] = 20,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop when the text contains this string, which is not printed (repeatable; the format's end of turn is one already).")] = None,
     seed: Annotated[int, typer.Option(help="Sampling seed: same seed, same output.")] = 0,
-    chat: Annotated[bool, typer.Option(help="Wrap the prompt as a user turn with the tokenizer's chat template.")] = False,
+    colorize: Annotated[bool, typer.Option("--colorize/--no-colorize", help="Colour each generated token by the model's probability of it (a legend on stderr gives the bands).")] = False,
     backend: BackendOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
-    """Generate from a base model, optionally with an adapter."""
+    """Generate from a base model, optionally with an adapter: sampling options, prompt formats, word loom prompts, streaming."""
+    from ftkit import chat_formats
+    from ftkit import loom as looms
     from ftkit.evaluation import open_model
-    from ftkit.generate import Sampling
-    from ftkit.generate import generate as run_generate
+    from ftkit.generate import Sampling, band_style, complete, legend, prompt_ids
 
     try:
+        fmt = "auto" if chat and format_ == "none" else format_
+        if fmt not in ("none", *chat_formats.NAMES):
+            raise FtkitError(f"--format {fmt}: choose none, {', '.join(chat_formats.NAMES)}.")
+        if (prompt is None) == (loom is None):
+            raise FtkitError("give the prompt with --prompt, or build it with --loom (one of the two).")
+        sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, min_p=min_p,
+                            repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size).check()
+        messages = None
+        if loom is not None:
+            built = looms.build(looms.load(loom), sections, looms.parse_marker_args(marker, markers))
+            messages = built.messages()
+        elif marker or markers:
+            prompt = looms.fill(prompt, looms.parse_marker_args(marker, markers), "--prompt")
         be, tok, _ = open_model(model, backend, adapter)
-        if chat:
-            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
-            ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-        else:
-            ids = tok(prompt).input_ids
-        stops = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-        out_ids: list[int] = []
-        shown = ""
-        sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-        for token in run_generate(be, ids, max_tokens, sampling, stops):
-            out_ids.append(token)
-            if not as_json:  # stream: decode the whole tail so multi-token characters print whole
-                now = tok.decode(out_ids, skip_special_tokens=True)
-                if not now.endswith("\ufffd"):
-                    sys.stdout.write(now[len(shown):])
-                    sys.stdout.flush()
-                    shown = now
-        text = tok.decode(out_ids, skip_special_tokens=True)
+        ids = prompt_ids(tok, fmt, prompt, messages, system)
+        stops = list(stop or []) + chat_formats.stop_strings(fmt, tok)
+        if colorize and not as_json:
+            from ftkit.progress import console
+
+            console().print(legend())
+        out_console = None
+        if colorize and not as_json:
+            from rich.console import Console
+
+            out_console = Console(file=sys.stdout, force_terminal=True, highlight=False)
+
+        def show(parts: list[tuple[str, float]]) -> None:
+            for piece, prob in parts:
+                if out_console is not None:
+                    from rich.text import Text
+
+                    out_console.print(Text(piece, style=band_style(prob)), end="")
+                else:
+                    sys.stdout.write(piece)
+            sys.stdout.flush()
+
+        result = complete(be, tok, ids, max_tokens, sampling, stops, on_text=None if as_json else show)
     except FtkitError as e:
         _fail(e, as_json)
     if as_json:
-        _emit({"text": text, "tokens": len(out_ids), "prompt_tokens": len(ids), "backend": be.name})
+        out = {"text": result.text, "tokens": result.tokens, "prompt_tokens": len(ids), "finish": result.finish,
+               "format": fmt, "backend": be.name}
+        if colorize:
+            out["probabilities"] = result.probs
+        _emit(out)
     else:
-        sys.stdout.write(text[len(shown):] + "\n")
+        sys.stdout.write("\n")
 
 
 @app.command()
@@ -495,6 +565,27 @@ def export(
     console().print(f"wrote {result['gguf']} ({result['bytes'] / 2**20:.2f} MiB, {result['outtype']}, {what})")
     if not merged:
         console().print(f"  llama.cpp: llama-cli -m BASE.gguf --lora {result['gguf']}   Ollama: ADAPTER {result['gguf']} in the Modelfile")
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (a recipe's output.dir): metrics.jsonl, recipe.toml ...")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="The HTML file (default: RUN_DIR/report.html).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write one self-contained HTML page about a run: loss curves, learning rate, eval metrics, recipe, hardware, timings."""
+    from ftkit.report import write
+
+    try:
+        page = write(run_dir, out)
+    except FtkitError as e:
+        _fail(e, as_json)
+    if as_json:
+        _emit({"report": str(page), "bytes": page.stat().st_size})
+    else:
+        from ftkit.progress import console
+
+        console().print(f"report: {page}  (open it in a browser; it loads nothing from the network)")
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ftkit.backend import Batch
-from ftkit.errors import DataError
+from ftkit.errors import DataError, FtkitError
 from ftkit.recipe import looks_like_hub_id
 
 if TYPE_CHECKING:
@@ -75,6 +75,16 @@ def read_rows(data: "DataSection") -> dict[str, list[dict]]:
 
 
 def _read_parts(data: "DataSection") -> dict[str, _Part]:
+    """Every split's rows, mapped into ftkit's formats by the recipe's column mapping (ftkit.mapping),
+    and with data.mix: every source's, mixed."""
+    from ftkit import mapping
+
+    if data.mix:
+        return mapping.read_mix(data, _read_source)
+    return mapping.apply(_read_source(data), data)
+
+
+def _read_source(data: "DataSection") -> dict[str, _Part]:
     path = Path(data.path).expanduser()
     if path.is_dir():
         parts = _read_folder(path)
@@ -293,7 +303,7 @@ def encode(row: dict, fmt: str, train_on: str, tokenizer: Any, data: "DataSectio
         prompt, completion = _string(row, data.prompt_field), _string(row, data.completion_field)
         ids, mask = _encode_completion(prompt, completion, train_on, tokenizer, data)
     elif fmt == "chat":
-        ids, mask = _encode_chat(_messages(row, data.messages_field), train_on, tokenizer, data)
+        ids, mask = _encode_chat(chat_messages(row, data), train_on, tokenizer, data)
     else:
         raise DataError(f"unknown data format {fmt!r}; use text, completion or chat.")
     if len(ids) > data.max_seq_length:
@@ -323,6 +333,19 @@ def _messages(row: dict, key: str) -> list[dict]:
             raise DataError(f"'{key}' message {i}: needs a 'role' string.")
         if not isinstance(m.get("content"), str):
             raise DataError(f"'{key}' message {i} ({m['role']}): 'content' must be a string.")
+    return messages
+
+
+def chat_messages(row: dict, data: "DataSection") -> list[dict]:
+    """A chat row's messages; a prompt/completion row becomes a user turn and the assistant's answer.
+    data.system_prompt goes first where the conversation has no system message."""
+    if row.get(data.messages_field) is None and isinstance(row.get(data.prompt_field), str):
+        messages = [{"role": "user", "content": _string(row, data.prompt_field)},
+                    {"role": "assistant", "content": _string(row, data.completion_field)}]
+    else:
+        messages = _messages(row, data.messages_field)
+    if data.system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": data.system_prompt}, *messages]
     return messages
 
 
@@ -386,30 +409,50 @@ def _encode_chat(messages: list[dict], train_on: str, tokenizer: Any, data: "Dat
     it (`<|im_end|>` for ChatML); whitespace after the turn's last special token (ChatML's "\\n") is
     not a target, since generation stops at the end-of-turn token and never produces it.
     """
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError("chat data needs a tokenizer with a chat template, and this one has none; use text or completion data.")
-    text = _render(tokenizer, messages, generation_prompt=False)
+    style = data.chat_format
+    if style == "auto" and not getattr(tokenizer, "chat_template", None):
+        raise DataError("chat data needs a tokenizer with a chat template, and this one has none; set data.chat_format "
+                        "(chatml, llama3, mistral, alpaca, phi, gemma), or use text or completion data.")
+    text = _render(tokenizer, messages, generation_prompt=False, chat_format=style)
     ids = _tokens(tokenizer, text)
     if train_on == "all":
         mask = [1] * len(ids)
     else:
         mask = [0] * len(ids)
-        spans = _assistant_spans_by_prefix(tokenizer, messages, ids)
+        spans = _assistant_spans_by_prefix(tokenizer, messages, ids, style)
         if spans is None:
             spans = _assistant_spans_by_offsets(tokenizer, messages, text, ids)
         for a, b in spans:
             mask[a:b] = [1] * (b - a)
-    if data.add_eos and not _ends_with_eos(tokenizer, ids):
+    # A named format ends each turn itself (its end-of-turn marker is a target), as generation stops there.
+    if style == "auto" and data.add_eos and not _ends_with_eos(tokenizer, ids):
         ids.append(_eos_id(tokenizer))
         mask.append(1 if train_on == "all" or messages[-1]["role"] == "assistant" else 0)
     return ids, mask
 
 
-def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> str:
+def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool, chat_format: str = "auto", whole: bool = True) -> str:
+    """`whole`: a complete conversation (a named format may close it, as phi writes EOS); False for the
+    partial renders that locate each turn."""
+    if chat_format != "auto":
+        from ftkit import chat_formats
+
+        try:
+            return chat_formats.render(messages, chat_format, tokenizer, generation_prompt, whole=whole)
+        except FtkitError as e:
+            raise DataError(str(e)) from None
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     except Exception as e:  # jinja's raise_exception, e.g. "roles must alternate"
         raise DataError(f"the chat template rejected this conversation: {e}") from None
+
+
+def chat_prompt_ids(messages: list[dict], chat_format: str, tokenizer: Any) -> list[int]:
+    """The tokens generation feeds the model for a conversation: what a training example of it has before
+    its last assistant turn's targets (the same render, the same tokenization)."""
+    if chat_format == "auto" and not getattr(tokenizer, "chat_template", None):
+        raise DataError("this tokenizer has no chat template; choose a prompt format (chatml, llama3, mistral, alpaca, phi, gemma).")
+    return _tokens(tokenizer, _render(tokenizer, messages, generation_prompt=True, chat_format=chat_format))
 
 
 def _tokens(tokenizer: Any, text: str) -> list[int]:
@@ -443,7 +486,7 @@ def _trim_turn_end(tokenizer: Any, ids: list[int], a: int, b: int) -> int:
     return b
 
 
-def _assistant_spans_by_prefix(tokenizer: Any, messages: list[dict], ids: list[int]) -> list[tuple[int, int]] | None:
+def _assistant_spans_by_prefix(tokenizer: Any, messages: list[dict], ids: list[int], chat_format: str = "auto") -> list[tuple[int, int]] | None:
     """Token spans of the assistant turns: for turn i, the tokens that rendering messages[:i+1] adds to
     messages[:i] + the generation prompt. None when the template lacks the prefix property."""
     spans = []
@@ -451,8 +494,8 @@ def _assistant_spans_by_prefix(tokenizer: Any, messages: list[dict], ids: list[i
         if m["role"] != "assistant":
             continue
         try:
-            before = _tokens(tokenizer, _render(tokenizer, messages[:i], generation_prompt=True))
-            upto = _tokens(tokenizer, _render(tokenizer, messages[: i + 1], generation_prompt=False))
+            before = _tokens(tokenizer, _render(tokenizer, messages[:i], generation_prompt=True, chat_format=chat_format))
+            upto = _tokens(tokenizer, _render(tokenizer, messages[: i + 1], generation_prompt=False, chat_format=chat_format, whole=False))
         except DataError:  # e.g. a template that refuses an empty or assistant-first prefix
             return None
         if upto[: len(before)] != before or ids[: len(upto)] != upto:

@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from ftkit.errors import RecipeError
 
@@ -53,7 +53,56 @@ class MethodSection(Section):
     resume_from: str | None = Field(None, description="Start from this adapter folder (common format, PEFT, or mlx-lm).")
 
 
-class DataSection(Section):
+class MappingFields(Section):
+    """Declarative conversion of a data set's columns into ftkit's formats: the keys [data] and each
+    [[data.mix]] source share (ftkit.mapping applies them)."""
+
+    columns: dict[str, str | list[str]] = Field(
+        default_factory=dict, description='Names for columns, used as {name} in templates: {label = "category"}; a dotted path reads a nested field '
+        '("question.stem"); a list takes the first one a row has (["sentence", "content"]).'
+    )
+    prompt_template: str | None = Field(None, description='Each row\'s prompt from its columns: "Classify the intent: {text}\\nIntent:".')
+    completion_template: str | None = Field(
+        None, description='Each row\'s completion: " {label}", " {answer}". Default: the label name, or the right choice\'s label.'
+    )
+    text_template: str | None = Field(None, description="Each row's text (text format) from its columns.")
+    label_field: str | None = Field(
+        None, description="Column with the class label (an id into label_names, or the name itself): {label} is its name, and classification eval scores each label."
+    )
+    label_names: list[str] | str | None = Field(
+        None, description="Class names by id: a list, or a file (a JSON list, or one name per line). Unset for a hub data set: its ClassLabel names."
+    )
+    choices_field: str | None = Field(
+        None, description="Column with the answer choices (multiple choice): {label: [...], text: [...]}, a list of {label, text}, or a list of strings. {choices} lists them."
+    )
+    answer_field: str | None = Field(None, description='Column with the right choice: its label ("A"), index or text. {answer} is its label, {answer_text} its text.')
+    choice_format: str = Field("{label}. {text}", description="How {choices} writes each choice.")
+    loom: str | None = Field(None, description="A word loom TOML file (OgbujiPT's format) whose sections build each row's prompt; the row's columns fill its {markers}.")
+    loom_sections: str | list[str] | None = Field(
+        None, description='Loom sections for the prompt: "question", "system question" or "system context question" (default: system_prompt, context, question).'
+    )
+    max_rows: dict[Literal["train", "valid", "test"], int] = Field(
+        default_factory=dict, description="Keep at most N rows of a split, a seeded sample (split_seed): {train = 800, test = 200}."
+    )
+
+
+class MixSource(MappingFields):
+    """One more data set trained in the same run ([[data.mix]]), with its own columns and task metrics."""
+
+    name: str = Field(description="Task name: per-task metrics and [eval.tasks.NAME] use it.")
+    path: str = Field(description="Folder, file, or `datasets` hub id, as data.path.")
+    subset: str | None = Field(None, description="Hub data set configuration name.")
+    valid_fraction: float | None = Field(None, ge=0, lt=1, description="Held out for validation when this source has no valid split (default: data.valid_fraction).")
+    test_fraction: float | None = Field(None, ge=0, lt=1, description="Held out for test when this source has no test split (default: data.test_fraction).")
+    response_template: str | None = Field(None, description="Text rows: the marker that splits each text into prompt and completion.")
+    text_field: str | None = Field(None, description="As data.text_field, for this source.")
+    prompt_field: str | None = Field(None, description="As data.prompt_field, for this source.")
+    completion_field: str | None = Field(None, description="As data.completion_field, for this source.")
+    messages_field: str | None = Field(None, description="As data.messages_field, for this source.")
+    system_prompt: str | None = Field(None, description="As data.system_prompt, for this source's chat examples.")
+
+
+class DataSection(MappingFields):
     path: str = Field(description="Folder with train/valid/test files, one file, or a `datasets` hub id.")
     format: Literal["auto", "text", "completion", "chat"] = Field("auto", description="Example format; auto-detected.")
     train_on: Literal["auto", "completion", "all"] = Field(
@@ -74,6 +123,14 @@ class DataSection(Section):
     messages_field: str = Field("messages", description="Column holding the messages (chat format).")
     subset: str | None = Field(None, description="Hub data set configuration name.")
     add_eos: bool = Field(True, description="Append the EOS token to text and completion examples (chat templates end their own turns).")
+    chat_format: Literal["auto", "chatml", "llama3", "mistral", "alpaca", "phi", "gemma"] = Field(
+        "auto", description="How chat examples are written: auto = the tokenizer's chat template; or a named format (ftkit generate --format uses the same)."
+    )
+    system_prompt: str | None = Field(None, description="A system message for chat examples that have none.")
+    name: str | None = Field(None, description="Task name of this data in per-task metrics (default: the recipe's name).")
+    mix: list[MixSource] = Field(
+        default_factory=list, description="More data sets trained in the same run, each with its own columns and metrics ([[data.mix]] tables: name, path, ...)."
+    )
     cache: bool = Field(True, description="Keep the tokenized splits in ftkit's cache ($FTKIT_CACHE/tokens), memory-mapped: tokenize once, flat memory.")
     packing: Literal["auto", "on", "off"] = Field(
         "auto", description="Several examples per row with attention kept inside each (no padding; the same losses and gradients). "
@@ -177,6 +234,38 @@ class LogSection(Section):
         return v
 
 
+class EvalTask(Section):
+    """How `ftkit eval` scores one task (all of [eval], or one [eval.tasks.NAME] of a mix)."""
+
+    task: Literal["none", "auto", "classification", "multiple_choice", "generation"] = Field(
+        "none", description="Task metrics beside loss/perplexity: classification (accuracy, macro-F1, top confusions), multiple_choice "
+        "(accuracy), generation (exact match, normalised exact match); auto: from the data mapping (choices, labels, else generation)."
+    )
+    scoring: Literal["loglik", "generate"] = Field(
+        "loglik", description="classification: score each label's log-likelihood (constrained to the label set), or generate and normalise the answer."
+    )
+    normalize: Literal["text", "sql"] = Field("text", description="generation: normalised exact match ignores case, punctuation, articles (text) or case and spacing (sql).")
+    max_examples: int | None = Field(None, ge=1, description="Score at most N examples of the split (a seeded sample).")
+    max_tokens: int = Field(64, ge=1, description="generate scoring: most tokens per answer.")
+    length_normalize: bool = Field(False, description="loglik: rank candidates by mean log-probability per token instead of the sum.")
+    stop: list[str] | None = Field(None, description="generate scoring: stop strings (default: the format's end of turn, and a newline when no answer has one).")
+
+
+# [eval.tasks.NAME]: the same keys, each unset (None) where [eval]'s value holds.
+EvalTaskOverride = create_model(
+    "EvalTaskOverride", __base__=Section,
+    **{k: (f.annotation | None, Field(None, description=f"{f.description} Default: [eval]'s.")) for k, f in EvalTask.model_fields.items()},
+)
+
+
+class EvalSection(EvalTask):
+    split: Literal["test", "valid", "train"] = Field("test", description="The split `ftkit eval` scores (--split overrides).")
+    batch_size: int = Field(16, ge=1, description="Candidate sequences per forward pass when scoring log-likelihoods.")
+    top_confusions: int = Field(5, ge=0, description="classification: how many of the most frequent (gold, predicted) confusions to list.")
+    seed: int = Field(0, description="Seed of the max_examples sample.")
+    tasks: dict[str, EvalTaskOverride] = Field(default_factory=dict, description="Per task of a [[data.mix]] (by name): keys as in [eval], which are the defaults.")
+
+
 class Recipe(Section):
     model: ModelSection
     method: MethodSection = MethodSection()
@@ -185,6 +274,7 @@ class Recipe(Section):
     output: OutputSection = OutputSection()
     torch: TorchSection = TorchSection()
     mlx: MlxSection = MlxSection()
+    eval: EvalSection = EvalSection()
     log: LogSection = LogSection()
     name: str | None = Field(None, description="Stage name; defaults to the recipe file's stem.")
 
@@ -207,16 +297,26 @@ class Recipe(Section):
         top, sections = [], []
         for key, value in self.to_toml_dict().items():
             if isinstance(value, dict):
-                body = "\n".join(f"{k} = {json.dumps(v)}" for k, v in value.items())
+                body = "\n".join(f"{k} = {_toml_value(v)}" for k, v in value.items())
                 sections.append(f"[{key}]\n{body}\n")
             else:
-                top.append(f"{key} = {json.dumps(value)}")
+                top.append(f"{key} = {_toml_value(value)}")
         return "\n".join(top) + "\n\n" + "\n".join(sections)
+
+
+def _toml_value(v: Any) -> str:
+    """A TOML value: JSON's strings, numbers and arrays are TOML too; tables become inline tables."""
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(v)
 
 
 # ---------------------------------------------------------------- loading and errors
 
-PATH_KEYS = {("model", "path"), ("data", "path"), ("method", "resume_from"), ("output", "dir"), ("log", "tensorboard_dir")}
+PATH_KEYS = {("model", "path"), ("data", "path"), ("method", "resume_from"), ("output", "dir"), ("log", "tensorboard_dir"),
+             ("data", "loom"), ("data", "label_names")}
 
 
 def _section_fields(section: str) -> list[str]:
@@ -267,6 +367,10 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         candidate = (base / value).resolve()
         if key == "dir" or candidate.exists() or not looks_like_hub_id(value):
             data[section][key] = str(candidate)
+    mix = data["data"].get("mix") if isinstance(data.get("data"), dict) else None
+    for source in mix if isinstance(mix, list) else []:
+        if isinstance(source, dict):  # each [[data.mix]] source's paths, like data's own
+            _resolve_paths({"data": source}, base)
 
 
 def _merge(into: dict[str, Any], extra: dict[str, Any]) -> None:
@@ -308,9 +412,13 @@ def _format_validation(err: ValidationError, where: str, text: str | None, overr
     out = []
     for e in err.errors():
         loc = [str(p) for p in e["loc"]]
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "extra_forbidden" and len(loc) <= 2:
             continue  # reported by _unknown_keys with a suggestion
         key = ".".join(loc)
+        if e["type"] == "extra_forbidden":  # inside a nested table: [[data.mix]], [eval.tasks.NAME]
+            fields = list(MixSource.model_fields) + list(EvalTask.model_fields)
+            out.append(f"{where}: unknown key {key}.{_suggest(loc[-1], fields)}")
+            continue
         if len(loc) >= 2 and (loc[0], loc[1]) in overridden:
             place = f"--set {loc[0]}.{loc[1]}"
         else:
@@ -350,6 +458,9 @@ def _check_combinations(r: Recipe, where: str) -> list[str]:
         errors.append(f"{where}: data.path: {r.data.path} does not exist (a folder, a .jsonl/.csv/.parquet file, or a hub id).")
     if r.method.resume_from and not Path(r.method.resume_from).exists() and not looks_like_hub_id(r.method.resume_from):
         errors.append(f"{where}: method.resume_from: {r.method.resume_from} does not exist.")
+    from ftkit.mapping import recipe_problems  # the data mapping's and [eval]'s own checks
+
+    errors += recipe_problems(r, where)
     return errors
 
 
