@@ -38,7 +38,7 @@ class MetricsLog:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", encoding="utf-8")
-        if record.get("kind") == "run" and self.trackers is not None and "hardware" not in record:
+        if record.get("kind") == "run" and "hardware" not in record:  # for the report and the trackers
             from ftkit.tracking import hardware_summary
 
             record = {**record, "hardware": hardware_summary()}

@@ -65,7 +65,8 @@ def test_bad_sweep_files_are_refused(tmp_path, tiny_model_dir, small_data, body,
 
 def test_a_bad_trial_value_is_refused_before_any_trial_runs(tmp_path, tiny_model_dir, small_data):
     base = recipe_file(tmp_path, tiny_model_dir, small_data, "base")
-    spec = sweeps.load_sweep(sweep_file(tmp_path, base, '[sweep.parameters]\n"train.lr" = [1e-3, -1.0]\n"train.sceduler" = ["linear"]\n'))
+    spec = sweeps.load_sweep(sweep_file(tmp_path, base, '[sweep.parameters]\n"train.lr" = [1e-3, -1.0]\n"train.sceduler" = ["linear"]\n'),
+                             {"output_dir": str(tmp_path / "bad")})
     with pytest.raises(RecipeError) as e:
         sweeps.run(spec)
     text = str(e.value)
@@ -117,7 +118,8 @@ def test_sweep_runs_ranks_and_resumes(tmp_path, tiny_model_dir, small_data):
 
 def test_trials_are_pinned_one_gpu_each(tmp_path, tiny_model_dir, small_data, monkeypatch):
     base = recipe_file(tmp_path, tiny_model_dir, small_data, "base")
-    spec = sweeps.load_sweep(sweep_file(tmp_path, base, 'parallel = 2\ngpus = [3, 5]\n[sweep.parameters]\n"train.lr" = [1e-3, 2e-3, 3e-3, 4e-3]\n'))
+    spec = sweeps.load_sweep(sweep_file(tmp_path, base, 'parallel = 2\ngpus = [3, 5]\n[sweep.parameters]\n"train.lr" = [1e-3, 2e-3, 3e-3, 4e-3]\n'),
+                             {"output_dir": str(tmp_path / "pinned")})
     seen = []
 
     def fake_run(sweep, t, gpu, backend, say):  # what each trial's process would see as CUDA_VISIBLE_DEVICES
