@@ -123,7 +123,9 @@ def main() -> None:
     trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[Clock()],
                       data_collator=CountingCollator(tokenizer, padding=True, label_pad_token_id=-100))
     trainer.train()
-    result = {"start": Clock.start, "end": Clock.end, "report_ends": Clock.report_ends, "steps": trainer.state.global_step,
+    # the end of the last step as the log sees it: after its loss is read back (on a GPU, after the step's kernels ran)
+    end = Clock.report_ends[-1] if Clock.report_ends and Clock.losses[-1]["step"] == trainer.state.global_step else Clock.end
+    result = {"start": Clock.start, "end": end, "report_ends": Clock.report_ends, "steps": trainer.state.global_step,
               "final_loss": Clock.losses[-1]["loss"] if Clock.losses else None, "losses": Clock.losses,
               "examples": CountingCollator.examples, "own_target_tokens": CountingCollator.target_tokens,
               "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}

@@ -42,9 +42,9 @@ TOOLS = {"ftkit": "ftkit torch", "trainer": "Trainer+PEFT"}
 def _run(tool: str, s: Settings, model: Path, data: datasets.BenchData, run_dir: Path, args) -> dict:
     cap = int(args.max_memory_gib * 2**30)
     if tool == "ftkit":
-        raw = runs.ftkit("torch", s, model, data.folder, run_dir, args.ftkit_set, args.timeout, max_rss_bytes=cap)
+        raw = runs.ftkit("torch", s, model, data.folder, run_dir, args.ftkit_set, args.timeout, max_rss_bytes=cap, work=args.work_dir)
     else:
-        raw = runs.baseline("torch", s, model, data, run_dir, args.timeout, max_rss_bytes=cap)
+        raw = runs.baseline("torch", s, model, data, run_dir, args.timeout, max_rss_bytes=cap, work=args.work_dir)
     return runs.finish(raw, s, data)
 
 
@@ -95,16 +95,17 @@ def data_size(args, work: Path, say) -> list[dict]:
         s = Settings(steps=2, batch_size=4)
         # counted without ftkit's pipeline here: a million rows would take the parent as long as the run
         data = datasets.BenchData("short", "text", folder, n, 0, 0, 0, 0, 0)
-        for tool in args.tools.split(","):
-            say(f"data-size {n}: {tool} ...")
-            raw = (runs.ftkit("torch", s, model, folder, work / "runs" / f"size{n}-{tool}-{time.strftime('%H%M%S')}", args.ftkit_set,
-                              args.timeout, max_rss_bytes=int(args.max_memory_gib * 2**30)) if tool == "ftkit" else
-                   runs.baseline("torch", s, model, data, work / "runs" / f"size{n}-{tool}-{time.strftime('%H%M%S')}", args.timeout,
-                                 max_rss_bytes=int(args.max_memory_gib * 2**30)))
+        cap = int(args.max_memory_gib * 2**30)
+        # ftkit twice: the first run tokenizes into its token cache (a fresh file, so a cold one), the second reads it
+        for tool, cache in [(t, c) for t in args.tools.split(",") for c in (("cold", "warm") if t == "ftkit" else ("-",))]:
+            say(f"data-size {n}: {tool} (token cache {cache}) ...")
+            run_dir = work / "runs" / f"size{n}-{tool}-{cache}-{time.strftime('%H%M%S')}"
+            raw = (runs.ftkit("torch", s, model, folder, run_dir, args.ftkit_set, args.timeout, max_rss_bytes=cap, work=work)
+                   if tool == "ftkit" else runs.baseline("torch", s, model, data, run_dir, args.timeout, max_rss_bytes=cap, work=work))
             if "error" in raw:
-                row = _row(tool, raw, rows=n)
+                row = _row(tool, raw, rows=n, cache=cache)
             else:
-                row = {"tool": TOOLS[tool], "rows": n, "file_mib": (folder / "train.jsonl").stat().st_size / 2**20,
+                row = {"tool": TOOLS[tool], "rows": n, "cache": cache, "file_mib": (folder / "train.jsonl").stat().st_size / 2**20,
                        "peak_rss_mib": raw["peak_rss_bytes"] / 2**20, "to_first_step_s": raw["start"] - raw["process_start"],
                        "wall_s": raw["wall_s"]}
             out.append(row)
@@ -133,7 +134,7 @@ COLUMNS = {
     "seq-len": [("length", "tokens/row", "{:,}"), ("tool", "tool", "{}"), ("s_per_step", "s/step", "{:.2f}"),
                 ("s_per_1k_tokens", "s per 1k tokens", "{:.2f}"), ("tokens_per_s", "trained tok/s", "{:,.0f}"),
                 ("peak_rss_mib", "peak RSS MiB", "{:,.0f}")],
-    "data-size": [("rows", "rows", "{:,}"), ("tool", "tool", "{}"), ("file_mib", "file MiB", "{:.1f}"),
+    "data-size": [("rows", "rows", "{:,}"), ("tool", "tool", "{}"), ("cache", "token cache", "{}"), ("file_mib", "file MiB", "{:.1f}"),
                   ("to_first_step_s", "to first step s", "{:.1f}"), ("wall_s", "wall s", "{:.1f}"), ("peak_rss_mib", "peak RSS MiB", "{:,.0f}")],
     "batch-size": [("batch_size", "batch", "{}"), ("tool", "tool", "{}"), ("s_per_step", "s/step", "{:.2f}"),
                    ("tokens_per_s", "trained tok/s", "{:,.0f}"), ("peak_rss_mib", "peak RSS MiB", "{:,.0f}"), ("final_loss", "final loss", "{:.4f}")],
@@ -141,8 +142,8 @@ COLUMNS = {
 
 
 def render(kind: str, rows: list[dict], markdown: bool) -> str:
-    cols = COLUMNS[kind]
-    body = [[(fmt.format(r[k]) if r.get(k) is not None else (r.get("error", "n/a") if k == cols[2][0] else "")) for k, _, fmt in cols] for r in rows]
+    cols = COLUMNS[kind] + [("error", "note", "{}")]
+    body = [[fmt.format(r[k]) if r.get(k) is not None else "" for k, _, fmt in cols] for r in rows]
     heads = [h for _, h, _ in cols]
     if markdown:
         return "\n".join(["| " + " | ".join(heads) + " |", "|" + "---|" * 2 + "---:|" * (len(cols) - 2)] +
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args(argv)
     process.exit_on_sigterm()
-    work = args.work.resolve()
+    work = args.work_dir = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     say = lambda msg: print(f"[scaling] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     kinds = list(COLUMNS) if args.kind == "all" else [args.kind]

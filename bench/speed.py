@@ -213,9 +213,9 @@ def main(argv: list[str] | None = None) -> int:
                 run_dir = work / "runs" / stamp / f"{p}-{name}-{tool.replace(' ', '_').replace('+', '_')}-rep{rep}"
                 say(f"rep {rep + 1}/{reps}: {tool} on {name} ...")
                 if tool.startswith("ftkit"):
-                    raw = tool_runs.ftkit(p, ps, pair_model[p], d.folder, run_dir, args.ftkit_set, args.timeout)
+                    raw = tool_runs.ftkit(p, ps, pair_model[p], d.folder, run_dir, args.ftkit_set, args.timeout, work=work)
                 else:
-                    raw = tool_runs.baseline(p, ps, pair_model[p], d, run_dir, args.timeout)
+                    raw = tool_runs.baseline(p, ps, pair_model[p], d, run_dir, args.timeout, work=work)
                 r = {"pair": p, "data": name, "tool": tool, "rep": rep, "run_dir": str(run_dir), **tool_runs.finish(raw, ps, d)}
                 runs.append(r)
                 if "error" in r:

@@ -85,6 +85,13 @@ def test_ftkit_recipe_is_what_the_settings_say(tmp_path):
     assert r.train.save_every >= s.steps  # no checkpoint inside the timed loop
     assert s.steps % s.report_every == 0 and s.report_every == 1
     assert Settings(steps=8).report_every == 2 and Settings(steps=30).report_every == 6 and Settings(steps=7).report_every == 1
+    # the GPU profile (not run here): bf16 and, with --qlora, an nf4 base, for ftkit and the baseline alike
+    cuda = PROFILES["cuda"].settings.with_(quantize="nf4")
+    path.write_text(ftkit_recipe(cuda, model, data, tmp_path / "run"))
+    (r,) = load_recipes([path], overrides=ftkit_sets(cuda, []))
+    assert (r.torch.precision, r.model.quantize, r.train.max_grad_norm) == ("bf16", "nf4", 1.0)
+    cfg = baseline_config(cuda, model, data / "train.jsonl", "text", tmp_path)
+    assert (cfg["precision"], cfg["quantize"], cfg["steps"] * cfg["batch_size"] * cfg["grad_accum"]) == ("bf16", "nf4", cuda.examples)
 
 
 def test_trainer_baseline_trains_on_the_tokens_ftkit_trains_on(tokenizer_dir):

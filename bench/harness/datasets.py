@@ -98,7 +98,8 @@ def build(name: str, work: Path, model: Path, examples: int, packed_length: int,
         lines = _draw(_rows(WIKISQL if name == "wikisql" else CHAT), examples, seed)
     (folder / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
-    section = DataSection(path=str(folder), format=FORMATS[name], valid_fraction=0.0, max_seq_length=max_seq_length)
+    # cache off: counting here must not warm (or fill) the token cache of the runs it is counting for
+    section = DataSection(path=str(folder), format=FORMATS[name], valid_fraction=0.0, max_seq_length=max_seq_length, cache=False)
     splits = load_splits(section, tokenizer)
     train = splits.train
     if len(train) != examples or splits.n_truncated.get("train"):

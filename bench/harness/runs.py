@@ -22,9 +22,12 @@ REPO = BENCH.parent
 BASELINES = {"torch": "baseline_trainer.py", "mlx": "baseline_mlx.py"}
 
 
-def child_env() -> dict:
+def child_env(work: Path) -> dict:
+    """The same environment for every tool. ftkit's cache (tokenized data sets) lives in the work folder: the
+    benchmark neither uses nor fills the user's, and the first ftkit run of a data set tokenizes it."""
     path = os.pathsep.join(p for p in (str(REPO), str(REPO / "backends"), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "FTKIT_CACHE": str(work / "ftkit-cache")}
 
 
 def _failed(m: process.Measured) -> dict:
@@ -33,14 +36,15 @@ def _failed(m: process.Measured) -> dict:
 
 
 def ftkit(backend: str, s: Settings, model: Path, data_folder: Path, run_dir: Path, extra_sets: list[str], timeout: float,
-          max_rss_bytes: int | None = None) -> dict:
+          max_rss_bytes: int | None = None, work: Path | None = None) -> dict:
     run_dir.mkdir(parents=True)
     recipe = run_dir / "recipe-in.toml"
     recipe.write_text(ftkit_recipe(s, model, data_folder, run_dir / "run"))
     cmd = [sys.executable, "-m", "ftkit.cli", "train", str(recipe), "--backend", backend, "--json"]
     for item in ftkit_sets(s, extra_sets):
         cmd += ["--set", item]
-    m = process.run(cmd, env=child_env(), cwd=run_dir, log_prefix=run_dir / "log", timeout_s=timeout, max_rss_bytes=max_rss_bytes)
+    m = process.run(cmd, env=child_env(work or run_dir.parent), cwd=run_dir, log_prefix=run_dir / "log", timeout_s=timeout,
+                    max_rss_bytes=max_rss_bytes)
     if m.returncode != 0:
         return _failed(m)
     out = json.loads(m.stdout.strip().splitlines()[-1])
@@ -54,11 +58,12 @@ def ftkit(backend: str, s: Settings, model: Path, data_folder: Path, run_dir: Pa
             "peak_gpu_memory_gib": max((r["peak_memory_gib"] for r in train if "peak_memory_gib" in r), default=None)}
 
 
-def baseline(pair: str, s: Settings, model: Path, data: BenchData, run_dir: Path, timeout: float, max_rss_bytes: int | None = None) -> dict:
+def baseline(pair: str, s: Settings, model: Path, data: BenchData, run_dir: Path, timeout: float, max_rss_bytes: int | None = None,
+             work: Path | None = None) -> dict:
     run_dir.mkdir(parents=True)
     config = run_dir / "config.json"
     config.write_text(json.dumps(baseline_config(s, model, data.file, data.format, run_dir), indent=1))
-    m = process.run([sys.executable, str(BENCH / BASELINES[pair]), str(config)], env=child_env(), cwd=run_dir,
+    m = process.run([sys.executable, str(BENCH / BASELINES[pair]), str(config)], env=child_env(work or run_dir.parent), cwd=run_dir,
                     log_prefix=run_dir / "log", timeout_s=timeout, max_rss_bytes=max_rss_bytes)
     if m.returncode != 0 or not (run_dir / "result.json").exists():
         return _failed(m)
