@@ -239,13 +239,18 @@ def import_mlx_lm(folder: Path, dest: Path) -> None:
 
 
 def resolve(folder: Path) -> Path:
-    """A folder in the common format for `folder`: itself, or an mlx-lm adapter converted once (cached)."""
+    """A folder in the common format for `folder`: itself, an mlx-lm adapter converted once (cached), or a hub
+    id's repository downloaded (then converted if it holds an mlx-lm adapter)."""
     from ftkit.checkpoint import atomic_dir
     from ftkit.convert import cache_root
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise AdapterMismatchError(f"{folder}: no such adapter folder.")
+        from ftkit.hub import looks_like_repo, snapshot
+
+        if not looks_like_repo(str(folder)):
+            raise AdapterMismatchError(f"{folder}: no such adapter folder (nor a hub id, user/name).")
+        folder = snapshot(str(folder))  # a hub id: the repository's files, downloaded once
     if not is_mlx_lm_adapter(folder):
         return folder
     h = hashlib.sha256()
