@@ -588,6 +588,33 @@ def report(
         console().print(f"report: {page}  (open it in a browser; it loads nothing from the network)")
 
 
+@app.command()
+def push(
+    src: Annotated[Path, typer.Argument(help="An adapter folder, a fused model folder, or a run folder (its adapter/ is pushed).")],
+    repo: Annotated[str, typer.Option("--repo", help="The hub repository, user/name or org/name (created if missing).")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repository private.")] = False,
+    base_model: Annotated[Optional[str], typer.Option("--base-model", help="The base model's hub id, for the card and the uploaded configs (default: the one recorded, if it is a hub id).")] = None,
+    message: Annotated[Optional[str], typer.Option("--message", "-m", help="Commit message.")] = None,
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Branch to commit to (default: main).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Upload an adapter (or a fused model) to the Hugging Face hub with a generated model card. The token: HF_TOKEN or `hf auth login`."""
+    from ftkit.hub import push as do_push
+
+    try:
+        result = do_push(src, repo, private=private, base_model=base_model, message=message, revision=revision)
+    except FtkitError as e:
+        _fail(e, as_json)
+    if as_json:
+        _emit(result)
+    else:
+        from ftkit.progress import console
+
+        console().print(f"pushed {len(result['files'])} files to {repo}{' (private)' if private else ''}: {result['url']}")
+        if not result["base_model"]:
+            console().print("[yellow]note:[/] the base model is a local path; pass --base-model ORG/NAME so that others can load the adapter")
+
+
 def main() -> None:
     app()
 

@@ -131,7 +131,6 @@ class Trainer:
 
         self.log = MetricsLog(self.run_dir, enabled=self.main, trackers=for_recipe(self.recipe, self.run_dir) if self.main else None)
 
-
     # ------------------------------------------------------------------ helpers
     def _say(self, msg: str) -> None:
         if not self.quiet:
