@@ -49,6 +49,7 @@ def source_section(data: "DataSection", source: "MixSource") -> "DataSection":
     from ftkit.recipe import MappingFields
 
     mapping = {k: getattr(source, k) for k in MappingFields.model_fields}
+    mapping["max_rows"] = source.max_rows or data.max_rows  # a sample size is no column's: [data]'s holds for all
     own = {k: v for k, v in source.model_dump(exclude={"name"}).items() if v is not None and k not in mapping}
     return data.model_copy(update={**own, **mapping, "mix": [], "name": source.name})
 

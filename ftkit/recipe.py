@@ -82,7 +82,8 @@ class MappingFields(Section):
         None, description='Loom sections for the prompt: "question", "system question" or "system context question" (default: system_prompt, context, question).'
     )
     max_rows: dict[Literal["train", "valid", "test"], int] = Field(
-        default_factory=dict, description="Keep at most N rows of a split, a seeded sample (split_seed): {train = 800, test = 200}."
+        default_factory=dict, description="Keep at most N rows of a split, a seeded sample (split_seed): {train = 800, test = 200}. "
+        "[data]'s applies to each [[data.mix]] source that sets none."
     )
 
 
@@ -349,7 +350,13 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             raise RecipeError([f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. --set train.iters=20"])
         key, raw = item.split("=", 1)
         section, field = key.strip().split(".", 1)
-        out.setdefault(section, {})[field] = _parse_value(raw.strip())
+        *inner, last = field.split(".")  # eval.tasks.wikisql.max_tokens: a key of a nested table
+        target = out.setdefault(section, {})
+        for part in inner:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise RecipeError([f"--set {item!r}: {key.strip()} sets a key inside {part}, which another --set gives a value."])
+        target[last] = _parse_value(raw.strip())
     return out
 
 
@@ -374,11 +381,12 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
 
 
 def _merge(into: dict[str, Any], extra: dict[str, Any]) -> None:
-    for section, values in extra.items():
-        if isinstance(values, dict) and isinstance(into.get(section), dict):
-            into[section].update(values)
+    """--set values over the file's: tables merge key by key (nested ones too), other values replace."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
         else:
-            into[section] = values
+            into[key] = value
 
 
 def _unknown_keys(data: dict[str, Any], where: str) -> list[str]:

@@ -74,7 +74,7 @@ NORMALIZERS = {"text": normalize_text, "sql": normalize_sql}
 
 def classification_metrics(gold: list[str], pred: list[str], n_confusions: int) -> dict[str, Any]:
     return {"examples": len(gold), "accuracy": accuracy(gold, pred), "macro_f1": macro_f1(gold, pred),
-            "unmatched": sum(p == UNMATCHED for p in pred), "top_confusions": top_confusions(gold, pred, n_confusions)}
+            "top_confusions": top_confusions(gold, pred, n_confusions)}
 
 
 def choice_metrics(gold: list[int], pred: list[int]) -> dict[str, Any]:
@@ -129,20 +129,20 @@ class Scorer:
 
         return encode(row, self.fmt, "completion", self.tokenizer, self.data)
 
-    def logliks(self, rows: list[dict]) -> list[tuple[float, int]]:
-        """(log-likelihood of the targets, number of target tokens) per row."""
+    def fits(self, row: dict) -> bool:
+        """Whether the row, answer included, fits in data.max_seq_length (training drops or cuts the others)."""
+        return not self.encode(row).truncated
+
+    def logliks(self, rows: list[dict]) -> list[tuple[float, int]] | None:
+        """(log-likelihood of the targets, number of target tokens) per row; None when one does not fit."""
         from ftkit.data import make_batch
 
-        out = []
+        examples = [self.encode(row) for row in rows]
+        if any(ex.truncated for ex in examples):
+            return None
         pad = self.tokenizer.pad_token_id
-        for row in rows:
-            ex = self.encode(row)
-            n = sum(ex.mask[1:])
-            if n == 0:
-                raise FtkitError("a candidate answer has no token left to score (raise data.max_seq_length).")
-            # One row per forward: eval_loss sums over its batch, and a row's own sum is what ranks it.
-            out.append((-self.backend.eval_loss(make_batch([ex], pad)), n))
-        return out
+        # One row per forward: eval_loss sums over its batch, and a row's own sum is what ranks it.
+        return [(-self.backend.eval_loss(make_batch([ex], pad)), sum(ex.mask[1:])) for ex in examples]
 
     def prompt_ids(self, row: dict) -> list[int]:
         """The tokens before the row's answer: what generation feeds the model."""
@@ -193,14 +193,17 @@ def run_task(scorer: Scorer, task, rows: list[dict], label_set: list[str] | None
         return {"task": kind, "examples": 0}
     mapper = Mapper(task.spec, task.name)
     samples = []
+    fitting = [r for r in rows if scorer.fits(r)]
+    skipped = {"too_long": len(rows) - len(fitting)} if len(fitting) < len(rows) else {}
+    rows = fitting
     if kind == "generation":
         golds = [scorer.gold_text(r).strip() for r in rows]
         stops = settings.stop if settings.stop is not None else default_stops(scorer, golds)
         preds = [scorer.generate(r, settings.max_tokens, stops).strip() for r in rows]
         samples = [{"gold": g, "predicted": p} for g, p in zip(golds, preds)]
-        return {"task": kind, **generation_metrics(golds, preds, settings.normalize), "samples": samples[:5]}
+        return {"task": kind, **generation_metrics(golds, preds, settings.normalize), **_skipped(skipped), "samples": samples[:5]}
     gold, pred = [], []
-    stops = None
+    stops, names, cands = None, [], []
     for i, r in enumerate(rows):
         cands, names = mapper.candidates(r, f"{where} row {i + 1}", label_set)
         g = names.index(r["_gold"]) if kind == "classification" else r["_gold"]
@@ -211,13 +214,23 @@ def run_task(scorer: Scorer, task, rows: list[dict], label_set: list[str] | None
             p = match_answer(text, cands)
             samples.append({"gold": names[g], "generated": text})
         else:
-            p = pick_best(scorer.logliks([scorer.with_completion(r, c) for c in cands]), settings.length_normalize)
+            scores = scorer.logliks([scorer.with_completion(r, c) for c in cands])
+            if scores is None:  # a longer candidate does not fit where the right one does: not a fair comparison
+                skipped["too_long"] = skipped.get("too_long", 0) + 1
+                continue
+            p = pick_best(scores, settings.length_normalize)
         gold.append(names[g] if kind == "classification" else g)
         pred.append((names[p] if p is not None else UNMATCHED) if kind == "classification" else p)
     if kind == "classification":
         out = {"task": kind, "scoring": settings.scoring, "labels": len(names),
-               **classification_metrics(gold, pred, n_confusions)}
-        if samples:
+               **classification_metrics(gold, pred, n_confusions), **_skipped(skipped)}
+        if settings.scoring == "generate":
+            out["unmatched"] = sum(p == UNMATCHED for p in pred)  # answers that are no label at all
             out["samples"] = samples[:5]
         return out
-    return {"task": kind, "choices": len(cands), **choice_metrics(gold, pred)}
+    return {"task": kind, "choices": len(cands), **choice_metrics(gold, pred), **_skipped(skipped)}
+
+
+def _skipped(skipped: dict[str, int]) -> dict[str, Any]:
+    """Rows left out because the prompt and answer exceed data.max_seq_length, as training leaves them out."""
+    return {"skipped_too_long": skipped["too_long"]} if skipped.get("too_long") else {}
