@@ -171,3 +171,11 @@ def test_sweep_without_a_base_is_an_error(tmp_path):
     p.write_text('[sweep]\nrecipe = "missing.toml"\n')
     with pytest.raises(FtkitError, match="missing.toml"):
         sweeps.load_sweep(p)
+
+
+def test_the_ready_sweep_file_loads():
+    spec = sweeps.load_sweep(REPO / "recipes" / "sweeps" / "quickstart-lr.toml")
+    pts = sweeps.points(spec)
+    assert len(pts) == 6 and {(p["method.rank"], p["method.alpha"]) for p in pts} == {(8, 16), (16, 32)}
+    assert spec.base["train"]["iters"] == 20 and spec.base["model"]["path"].endswith("models/SmolLM2-135M-Instruct")
+    assert spec.output_dir.name == "quickstart-lr"
