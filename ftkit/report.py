@@ -100,7 +100,9 @@ def build(run_dir: Path) -> str:
     run_dir = Path(run_dir)
     path = run_dir / FILENAME
     if not path.exists():
-        raise FtkitError(f"{run_dir}: no {FILENAME}; point ftkit report at a run folder (output.dir of a recipe).")
+        stages = sorted(p.parent.name for p in run_dir.glob(f"*/{FILENAME}"))
+        hint = f" It holds these runs: {', '.join(stages)}; report each." if stages else ""
+        raise FtkitError(f"{run_dir}: no {FILENAME}; point ftkit report at a run folder (output.dir of a recipe).{hint}")
     records = MetricsLog.read(path)
     runs = [r for r in records if r.get("kind") == "run"]
     train = [r for r in records if r.get("kind") == "train"]

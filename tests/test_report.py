@@ -104,3 +104,13 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     assert len(colours) > 50  # drawn plots and text, not a blank page
     if os.environ.get("FTKIT_KEEP_SCREENSHOT"):
         shutil.copy(shot, os.environ["FTKIT_KEEP_SCREENSHOT"])
+
+
+def test_report_of_a_folder_without_a_run_names_the_runs_inside(tmp_path):
+    from ftkit.errors import FtkitError
+    from ftkit.report import write
+
+    (tmp_path / "stage-1-pretrain").mkdir()
+    (tmp_path / "stage-1-pretrain" / "metrics.jsonl").write_text("")
+    with pytest.raises(FtkitError, match="stage-1-pretrain"):
+        write(tmp_path)
