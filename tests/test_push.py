@@ -45,6 +45,7 @@ def trained(tmp_path_factory, tiny_model_dir, wikisql_dir):
     return tmp / "run-pushed"
 
 
+@pytest.mark.slow
 def test_push_uploads_adapter_with_card_and_hub_ids_load_it_back(tmp_path, trained, tiny_model_dir):
     with Hub() as hub:
         env = hub_env(tmp_path, hub)

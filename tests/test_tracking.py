@@ -42,6 +42,7 @@ def test_report_to_validates(tmp_path, tiny_model_dir, small_data):
         load_recipes([bad])
 
 
+@pytest.mark.slow
 def test_three_trackers_record_the_run_and_resume_into_the_same_runs(tmp_path, tiny_model_dir, small_data):
     pytest.importorskip("wandb")
     pytest.importorskip("tensorboard")
