@@ -311,6 +311,12 @@ def generate(
         be, tok, _ = open_model(model, backend, adapter)
         ids = prompt_ids(tok, fmt, prompt, messages, system)
         stops = list(stop or []) + chat_formats.stop_strings(fmt, tok)
+        missing = chat_formats.missing_tokens(fmt, tok)
+        if missing and not as_json:
+            from ftkit.progress import console
+
+            console().print(f"[yellow]note:[/] this tokenizer has no {', '.join(missing)} token: the {fmt} format writes "
+                            "them as ordinary text (fine if the adapter was trained so; else the model has not seen them).", highlight=False)
         if colorize and not as_json:
             from ftkit.progress import console
 

@@ -153,7 +153,7 @@ def evaluate_recipe(recipe: Recipe, backend_name: str, adapter: Path | None, spl
     results: dict[str, dict[str, Any]] = {}
     for label, which in runs:
         backend = load_for_inference(recipe, backend_name, which, prep.model_path, prep.tokenizer)
-        loss = evaluate(backend, examples, recipe.train.batch_size, prep.tokenizer.pad_token_id)
+        loss = evaluate(backend, examples, recipe.train.batch_size, prep.tokenizer.pad_token_id, packing=recipe.packs)
         results[label] = {
             "loss": loss, "perplexity": math.exp(loss) if loss < 700 else float("inf"),
             "tasks": score_tasks(recipe, backend, prep.tokenizer, prep.splits.format, split, rows) if has_tasks else {},

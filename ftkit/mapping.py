@@ -24,7 +24,7 @@ from __future__ import annotations
 import difflib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -468,10 +468,9 @@ def task_kind(r: "Recipe", name: str, spec: "DataSection") -> str:
 @dataclass
 class TaskSpec:
     name: str
-    kind: str
-    spec: Any
-    settings: Any
-    mappers: dict = field(default_factory=dict)
+    kind: str  # classification | multiple_choice | generation | none
+    spec: Any  # the source's DataSection (source_section for a mix source)
+    settings: Any  # its EvalTask
 
 
 def tasks_of(r: "Recipe") -> list[TaskSpec]:

@@ -261,7 +261,6 @@ EvalTaskOverride = create_model(
 
 class EvalSection(EvalTask):
     split: Literal["test", "valid", "train"] = Field("test", description="The split `ftkit eval` scores (--split overrides).")
-    batch_size: int = Field(16, ge=1, description="Candidate sequences per forward pass when scoring log-likelihoods.")
     top_confusions: int = Field(5, ge=0, description="classification: how many of the most frequent (gold, predicted) confusions to list.")
     seed: int = Field(0, description="Seed of the max_examples sample.")
     tasks: dict[str, EvalTaskOverride] = Field(default_factory=dict, description="Per task of a [[data.mix]] (by name): keys as in [eval], which are the defaults.")

@@ -74,7 +74,7 @@ def test_the_best_candidate_by_sum_or_mean():
 
 def test_label_log_likelihoods_are_the_models(tiny_model_dir, tmp_path):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from ftkit.evaluation import open_model
     from ftkit.recipe import build_recipe
@@ -97,7 +97,8 @@ def test_label_log_likelihoods_are_the_models(tiny_model_dir, tmp_path):
     assert scorer.prompt_ids(scorer.with_completion(row, cands[0])) == tok(row["prompt"])["input_ids"]
 
 
-def test_classification_end_to_end_learns_the_labels(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("as_chat", [False, True], ids=["completion", "chat"])
+def test_classification_end_to_end_learns_the_labels(tiny_model_dir, tmp_path, as_chat):
     """A tiny model trained on word -> class pairs scores the classes it learnt; base vs adapter saved as JSON."""
     from typer.testing import CliRunner
 
@@ -113,7 +114,7 @@ def test_classification_end_to_end_learns_the_labels(tiny_model_dir, tmp_path):
     (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe = recipe_file(tmp_path, tiny_model_dir, data, name="words",
                          data={"label_field": "kind", "prompt_template": "word: {word}\nclass:", "completion_template": " {label}",
-                               "max_seq_length": 64},
+                               "max_seq_length": 96, **({"format": "chat", "chat_format": "chatml"} if as_chat else {})},
                          train={"iters": 30, "lr": 1e-2, "steps_per_eval": 30, "save_every": 30},
                          method={"rank": 8, "alpha": 16})
     with recipe.open("a") as f:
@@ -135,3 +136,22 @@ def test_classification_end_to_end_learns_the_labels(tiny_model_dir, tmp_path):
                               "--set", "eval.scoring=generate", "--set", "eval.max_tokens=4"])
     g = json.loads(gen.stdout)["tasks"]["words"]
     assert "before" not in json.loads(gen.stdout) and g["scoring"] == "generate" and g["accuracy"] == 1.0
+
+
+def test_label_scores_agree_on_torch_and_mlx(tiny_model_dir):
+    pytest.importorskip("mlx")
+    from ftkit.evaluation import open_model
+    from ftkit.recipe import build_recipe
+
+    data = build_recipe({"model": {"path": "m"}, "data": {"path": "-"}}, "t", check_paths=False).data
+    row = {"prompt": "table: 1-1000181-1\nQ: how many?\nA:"}
+    cands = [" SELECT COUNT", " SELECT Notes", " nothing"]
+    scores = []
+    for name in ("torch", "mlx"):
+        be, tok, _ = open_model(str(tiny_model_dir), name, None)
+        scorer = tasks.Scorer(be, tok, data, "completion")
+        scores.append(scorer.logliks([scorer.with_completion(row, c) for c in cands]))
+        gold = scorer.with_completion(row, cands[0])
+        assert scorer.generate(gold, 4, ["\n"]) == scorer.generate(gold, 4, ["\n"])
+    for (a, n), (b, m) in zip(*scores):
+        assert n == m and a == pytest.approx(b, rel=1e-4)
