@@ -67,6 +67,8 @@ def _svg(series: list[tuple[str, list[tuple[float, float]], str]], ylabel: str, 
 
 
 def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
     if isinstance(v, float):
         if v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e5):
             return f"{v:.3e}"
@@ -87,7 +89,7 @@ def _duration(seconds: float | None) -> str:
 def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = "".join(
-        "<tr>" + "".join(f'<td class="n">{_fmt(r[c])}</td>' if isinstance(r.get(c), (int, float)) else f"<td>{_fmt(r.get(c, ''))}</td>"
+        "<tr>" + "".join(f'<td class="n">{_fmt(r[c])}</td>' if isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool) else f"<td>{_fmt(r.get(c, ''))}</td>"
                          for c in cols) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
