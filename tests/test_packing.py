@@ -116,25 +116,39 @@ def chat_examples(tokenizer_dir: Path, n: int) -> list[Example]:
     return out
 
 
-def torch_grads(model_dir: Path, batches, scale: float, select: bool = True) -> tuple[float, dict[str, np.ndarray]]:
+def torch_grads(model_dir: Path, batches, scale: float, logits_at: str = "targets", chunk_elements: int | None = None
+                ) -> tuple[float, dict[str, np.ndarray]]:
     from ftkit.backend import get_backend
 
     be = get_backend("torch")
     be.load(tiny_recipe(model_dir), model_dir, adapter=None, train=True)
     be.set_adapter_tensors({k: np.full_like(v, 0.01) for k, v in be.adapter_tensors().items()})  # B != 0
     be.start_training()
-    be.selects_logits = select
-    loss = sum(float(be.forward_backward(b, scale)) for b in batches)
+    assert be.logits_at == "targets" and be.head_loss.enabled  # what transformers 5 gives: check the default
+    be.logits_at = logits_at
+    if chunk_elements is not None:  # as if the logits were large: the loss inside the head, in chunks
+        import ftkit_torch.loss
+
+        old, ftkit_torch.loss.CHUNK_ELEMENTS = ftkit_torch.loss.CHUNK_ELEMENTS, chunk_elements
+        be.head_loss.chunk_tokens = max(1, chunk_elements // be.head_loss.vocab)
+    try:
+        loss = sum(float(be.forward_backward(b, scale)) for b in batches)
+    finally:
+        if chunk_elements is not None:
+            ftkit_torch.loss.CHUNK_ELEMENTS = old
     return loss, {n: p.grad.numpy().copy() for n, p in be.model.named_parameters() if p.requires_grad}
 
 
-def mlx_grads(model_dir: Path, batches, scale: float) -> tuple[float, dict[str, np.ndarray]]:
+def mlx_grads(model_dir: Path, batches, scale: float, head_at_targets: bool = True) -> tuple[float, dict[str, np.ndarray]]:
     from mlx.utils import tree_flatten
 
     from ftkit.backend import get_backend
 
     be = get_backend("mlx")
     be.load(tiny_recipe(model_dir), model_dir, adapter=None, train=True)
+    assert be.head is not None  # the tiny Llama passes the probe: check the default
+    if not head_at_targets:
+        be.head = None
     be.set_adapter_tensors({k: np.full_like(v, 0.01) for k, v in be.adapter_tensors().items()})
     loss = sum(float(be.forward_backward(b, scale).item()) for b in batches)
     return loss, {k: np.array(v) for k, v in tree_flatten(be.grads)}
@@ -165,14 +179,29 @@ def test_packed_batches_give_the_padded_loss_and_gradients(backend, tiny_model_d
         np.testing.assert_allclose(gb[k], ga[k], rtol=1e-4, atol=1e-7, err_msg=k)
 
 
-def test_the_output_head_only_at_target_positions_gives_the_same_loss_and_gradients(tiny_model_dir):
+@pytest.mark.parametrize("how", ["columns", "targets", "chunked"])
+def test_the_output_head_only_at_target_positions_gives_the_same_loss_and_gradients(tiny_model_dir, how):
     pytest.importorskip("torch")
     ex = chat_examples(tiny_model_dir, 8)
-    batches = packed_micro_batches(ex, 4, 0)
+    batches = packed_micro_batches(ex, 4, 0) + [make_batch(ex[:3], 0)]
     assert any(not b.mask.any(axis=0).all() for b in batches)  # some columns have no target: selection happens
     scale = 1.0 / sum(b.n_targets for b in batches)
-    loss_all, g_all = torch_grads(tiny_model_dir, batches, scale, select=False)
-    loss_sel, g_sel = torch_grads(tiny_model_dir, batches, scale, select=True)
+    loss_all, g_all = torch_grads(tiny_model_dir, batches, scale, logits_at="all")
+    # "chunked": 3 tokens' logits per chunk, recomputed in the backward pass
+    loss_sel, g_sel = torch_grads(tiny_model_dir, batches, scale, logits_at="targets" if how == "chunked" else how,
+                                  chunk_elements=3 * 518 if how == "chunked" else None)
+    assert loss_sel == pytest.approx(loss_all, rel=1e-6)
+    for k in g_all:
+        np.testing.assert_allclose(g_sel[k], g_all[k], rtol=1e-5, atol=1e-8, err_msg=k)
+
+
+def test_mlx_output_head_only_at_target_positions_gives_the_same_loss_and_gradients(tiny_model_dir):
+    pytest.importorskip("mlx")
+    ex = chat_examples(tiny_model_dir, 8)
+    batches = packed_micro_batches(ex, 4, 0) + [make_batch(ex[:3], 0)]
+    scale = 1.0 / sum(b.n_targets for b in batches)
+    loss_all, g_all = mlx_grads(tiny_model_dir, batches, scale, head_at_targets=False)
+    loss_sel, g_sel = mlx_grads(tiny_model_dir, batches, scale)
     assert loss_sel == pytest.approx(loss_all, rel=1e-6)
     for k in g_all:
         np.testing.assert_allclose(g_sel[k], g_all[k], rtol=1e-5, atol=1e-8, err_msg=k)

@@ -79,10 +79,13 @@ class MlxBackend:
 
             grad_checkpoint(model.layers[0])
         self.tuned.train(train)
+        self.head = None
         if train:
             self.optimizer = mlx_optim.build(recipe.train)
             self._reseed()
         mx.eval(self.tuned.parameters())
+        if train and not self.tuned.n_virtual:
+            self._check_head()
 
     def _refuse_unsupported(self, recipe: Recipe) -> None:
         """Keys this backend cannot honour are errors, never silently dropped."""
@@ -134,18 +137,43 @@ class MlxBackend:
     # ------------------------------------------------------------------ math
     def _arrays(self, batch: Batch):
         packed = None if batch.positions is None else methods.packed_attention(batch.positions, self.num_layers)
-        return mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask), packed
+        selected = None
+        if self.head is not None:
+            flat = np.flatnonzero(batch.mask.reshape(-1) > 0)
+            if len(flat) < batch.mask.size:
+                selected = mx.array(flat.astype(np.int32))
+        return mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask), packed, selected
 
-    @staticmethod
-    def _loss_sum(tuned: methods.Tuned, inputs: mx.array, targets_: mx.array, mask: mx.array, packed=None) -> mx.array:
+    def _loss_sum(self, tuned: methods.Tuned, inputs: mx.array, targets_: mx.array, mask: mx.array, packed=None,
+                  selected: mx.array | None = None) -> mx.array:
+        if selected is not None:
+            # The output head only at target positions (the masks are 0/1): no logits for prompt tokens.
+            hidden = tuned.model.model(inputs, cache=packed)
+            hidden = mx.take(hidden.reshape(-1, hidden.shape[-1]), selected, axis=0)
+            logits = self.head(hidden).astype(mx.float32)
+            return nn.losses.cross_entropy(logits, mx.take(targets_.reshape(-1), selected), reduction="sum")
         logits = tuned(inputs, cache=packed).astype(mx.float32)
         return (nn.losses.cross_entropy(logits, targets_, reduction="none") * mask).sum()
 
+    def _check_head(self) -> None:
+        """Use the head-only-at-targets path only where it gives the model's own logits (a model whose
+        forward post-processes logits, or has no `model.model` decoder, keeps full logits)."""
+        self.head = methods.output_head(self.tuned)
+        if self.head is None:
+            return
+        probe = mx.array((np.arange(16, dtype=np.int32) * 7919 % self.config.get("vocab_size", 256))[None])
+        try:
+            ok = mx.allclose(self.head(self.tuned.model.model(probe)), self.tuned(probe), atol=1e-4).item()
+        except (AttributeError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            self.head = None
+
     def forward_backward(self, batch: Batch, scale: float, sync: bool = True) -> mx.array:
-        inputs, targets_, mask, packed = self._arrays(batch)
+        inputs, targets_, mask, packed, selected = self._arrays(batch)
 
         def scaled(tuned, inputs, targets_, mask):
-            loss = self._loss_sum(tuned, inputs, targets_, mask, packed)
+            loss = self._loss_sum(tuned, inputs, targets_, mask, packed, selected)
             return loss * scale, loss
 
         (_, loss), grads = nn.value_and_grad(self.tuned, scaled)(self.tuned, inputs, targets_, mask)
@@ -190,7 +218,7 @@ class MlxBackend:
         was_training = self.tuned.training
         self.tuned.train(False)
         try:
-            loss = self._loss_sum(self.tuned, *self._arrays(batch))
+            loss = self._loss_sum(self.tuned, *self._arrays(batch))  # the target-position head too
             mx.eval(loss)
             return loss.item()
         finally:

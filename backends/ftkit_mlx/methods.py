@@ -64,6 +64,18 @@ class Tuned(nn.Module):
         return logits[:, self.n_virtual :]
 
 
+def output_head(tuned: Tuned):
+    """The module that turns mlx-lm's final hidden states into logits: `lm_head`, or the tied input
+    embeddings; None when the model has neither (the backend then asks for full logits)."""
+    model = tuned.model
+    if not hasattr(getattr(model, "model", None), "__call__"):
+        return None
+    if "lm_head" in model:
+        return model.lm_head
+    emb = getattr(model.model, "embed_tokens", None)
+    return emb.as_linear if emb is not None and hasattr(emb, "as_linear") else None
+
+
 class PackedAttention:
     """Stands in for mlx-lm's per-layer KV cache during a packed forward pass.
 

@@ -19,6 +19,7 @@ from ftkit.errors import FtkitError
 from ftkit.recipe import Recipe
 from ftkit_torch.methods import attach_method, count_parameters
 from ftkit_torch import parallel
+from ftkit_torch.loss import HeadLoss
 from ftkit_torch.optim import LocalShards, build_optimizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -69,13 +70,18 @@ def _virtual_tokens(model) -> tuple[int, bool]:
     return (int(config.num_virtual_tokens) if config.peft_type.value != "PREFIX_TUNING" else 0), True
 
 
-def _takes_logits_to_keep(model) -> bool:
-    """transformers' causal LMs compute the output head only at `logits_to_keep` positions (a tensor
-    of indices); a model class without the argument gets every position."""
+def _logits_selection(model) -> str:
+    """Where the output head runs: "targets" (a boolean `logits_to_keep` mask, transformers 5),
+    "columns" (positions shared by the rows, older transformers), or "all" (a model class without
+    `logits_to_keep`)."""
     import inspect
 
+    import transformers.modeling_utils as mu
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return "all"
+    return "targets" if hasattr(mu, "slice_logits_to_keep") else "columns"
 
 
 def bnb_kind(recipe: Recipe) -> str:
@@ -167,7 +173,7 @@ class TorchBackend:
                                                     gradient_checkpointing_kwargs={"use_reentrant": False})
         model = attach_method(model, recipe.method, adapter=adapter, train=train)
         self.n_virtual, self.prompt_learning = _virtual_tokens(model)
-        self.selects_logits = not self.prompt_learning and _takes_logits_to_keep(model)
+        self.logits_at = "all" if self.prompt_learning else _logits_selection(model)
         if train and cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(model, "enable_input_require_grads"):
@@ -175,8 +181,31 @@ class TorchBackend:
         self.model = model if quantized else model.to(self.device)
         self.model.train(train)
         self.train_model = self.model
+        self.head_loss = None
+        if train and self.logits_at == "targets" and not cfg.compile:
+            self.head_loss = HeadLoss(self.model, self.model.config.get_text_config().vocab_size)
+            self._check_head_loss()
         # fp16 has too few exponent bits for small gradients; bf16 and fp32 need no scaling.
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" and train else None
+
+    @torch.no_grad()
+    def _check_head_loss(self) -> None:
+        """The loss inside the output head must equal plain logits' on a probe batch (ftkit_torch.loss)."""
+        vocab = self.head_loss.vocab
+        ids = np.arange(17, dtype=np.int32)[None] * 7919 % vocab
+        probe = Batch(ids[:, :-1], ids[:, 1:], np.ones((1, 16), np.float32), np.ones((1, 16), np.int32))
+        was = self.model.training
+        self.model.eval()  # no dropout: both paths must see the same network
+        try:
+            head, self.head_loss = self.head_loss, None
+            plain = self._loss_sum(probe, self.model)
+            self.head_loss = head
+            wanted = self._tensor(probe.targets[0], torch.long)
+            inside = head(lambda: self.model(input_ids=self._tensor(probe.inputs, torch.long),
+                                             logits_to_keep=self._tensor(probe.mask > 0, torch.bool)), wanted)
+            head.verify(plain, inside)
+        finally:
+            self.model.train(was)
 
     def start_training(self) -> None:
         cfg = self.recipe.torch
@@ -234,13 +263,24 @@ class TorchBackend:
         else:
             kwargs["attention_mask"] = self._tensor(batch.attention_mask, torch.long)
         targets, mask = batch.targets, batch.mask
+        autocast = torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+        if self.logits_at == "targets":
+            # The output head only at target positions (ftkit_torch.loss): the masks are 0/1, so the
+            # loss is the plain sum over the selected tokens.
+            selected = mask > 0
+            kwargs["logits_to_keep"] = self._tensor(selected, torch.bool)
+            wanted = self._tensor(targets[selected], torch.long)
+            with autocast:
+                if self.head_loss is not None and self.head_loss.wanted(len(wanted)):
+                    return self.head_loss(lambda: model(**kwargs), wanted)
+                logits = model(**kwargs).logits
+            return F.cross_entropy(logits.float(), wanted, reduction="sum")
         keep = np.flatnonzero(mask.any(axis=0))
-        if self.selects_logits and len(keep) < mask.shape[1]:
-            # Logits only where some row has a target (the completion, the assistant turns): the
-            # output head and its full-vocabulary softmax are the largest single cost of a step.
+        if self.logits_at == "columns" and len(keep) < mask.shape[1]:
+            # Older transformers: positions shared by the rows, where some row has a target.
             kwargs["logits_to_keep"] = self._tensor(keep, torch.long)
             targets, mask = targets[:, keep], mask[:, keep]
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+        with autocast:
             logits = model(**kwargs).logits[:, self.n_virtual :]
         losses = F.cross_entropy(logits.float().flatten(0, 1), self._tensor(targets, torch.long).flatten(), reduction="none")
         return (losses * self._tensor(mask, torch.float32).flatten()).sum()
