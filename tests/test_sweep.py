@@ -78,7 +78,7 @@ def test_a_bad_trial_value_is_refused_before_any_trial_runs(tmp_path, tiny_model
 def test_sweep_runs_ranks_and_resumes(tmp_path, tiny_model_dir, small_data):
     base = recipe_file(tmp_path, tiny_model_dir, small_data, "base",
                        train={"iters": 3, "steps_per_eval": 3, "save_every": 3, "val_batches": 1})
-    sf = sweep_file(tmp_path, base, ('parallel = 2\n[sweep.parameters]\n"train.lr" = [1e-4, 1e-2]\n'
+    sf = sweep_file(tmp_path, base, ('parallel = 2\n[sweep.parameters]\n"train.lr" = [1e-2]\n'
                                      '[[sweep.paired]]\n"method.rank" = [2, 4]\n"method.alpha" = [4, 8]\n'))
     out = tmp_path / "sweep-out"
     cli = [sys.executable, "-m", "ftkit.cli", "sweep", str(sf), "--out", str(out), "--backend", "torch"]
@@ -86,13 +86,13 @@ def test_sweep_runs_ranks_and_resumes(tmp_path, tiny_model_dir, small_data):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     result = json.loads(done.stdout)
     trials = result["trials"]
-    assert len(trials) == 4 and all(t["status"] == "done" for t in trials)
+    assert len(trials) == 2 and all(t["status"] == "done" for t in trials)
     losses = [t["metric"] for t in trials]
     assert losses == sorted(losses)  # best first
     assert result["best"]["id"] == trials[0]["id"]
     for t in trials:  # each trial trained with its own values, in its own run folder
         (recipe,) = load_recipes([tmp_path / "sweep-out" / t["id"] / "recipe.toml"])
-        assert recipe.train.lr == t["params"]["train.lr"] and recipe.method.rank == t["params"]["method.rank"]
+        assert recipe.train.lr == t["params"]["train.lr"] == 1e-2 and recipe.method.rank == t["params"]["method.rank"]
         assert recipe.method.alpha == 2 * recipe.method.rank
         last_valid = [json.loads(line) for line in (out / t["id"] / "metrics.jsonl").read_text().splitlines()
                       if '"valid"' in line][-1]
@@ -110,7 +110,7 @@ def test_sweep_runs_ranks_and_resumes(tmp_path, tiny_model_dir, small_data):
     before = {t["id"]: (out / t["id"] / "metrics.jsonl").stat().st_mtime_ns for t in trials}
     resumed = subprocess.run(cli + ["--resume"], capture_output=True, text=True, env=env(tmp_path), timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "1 to run, 3 finished earlier" in resumed.stderr and "best first" in resumed.stderr  # progress on stderr
+    assert "1 to run, 1 finished earlier" in resumed.stderr and "best first" in resumed.stderr  # progress on stderr
     after = {t["id"]: (out / t["id"] / "metrics.jsonl").stat().st_mtime_ns for t in trials}
     assert [i for i in before if before[i] != after[i]] == []  # the run folder was complete: --resume auto only reported
     assert json.loads((redo / "trial.json").read_text())["status"] == "done"
@@ -124,12 +124,14 @@ def test_trials_are_pinned_one_gpu_each(tmp_path, tiny_model_dir, small_data, mo
 
     def fake_run(sweep, t, gpu, backend, say):  # what each trial's process would see as CUDA_VISIBLE_DEVICES
         seen.append((t.id, gpu))
-        t.status, t.metric = "done", float(t.params["train.lr"])
+        t.status, t.metric = "done", -float(t.params["train.lr"])  # the largest lr wins: ranking reverses the order
 
     monkeypatch.setattr(sweeps, "_run_one", fake_run)
     ranked = sweeps.run(spec)
     assert {g for _, g in seen} == {"3", "5"} and len(seen) == 4
-    assert [t.params["train.lr"] for t in ranked] == [1e-3, 2e-3, 3e-3, 4e-3]
+    assert [t.params["train.lr"] for t in ranked] == [4e-3, 3e-3, 2e-3, 1e-3]
+    rows = (tmp_path / "pinned" / "results.csv").read_text().splitlines()
+    assert rows[0].startswith("rank,trial,train.lr,valid.loss") and rows[1].startswith("1,trial-003,0.004")
 
 
 def test_wandb_agent_function_trains_with_the_sweeps_values(tmp_path, tiny_model_dir, small_data):
