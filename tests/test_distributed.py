@@ -50,7 +50,9 @@ def launch(recipe: Path, *args: str, timeout: int = 240) -> str:
 
 
 def one_process(recipe: Path, run_dir: Path, *sets: str) -> Path:
-    (r,) = load_recipes([recipe], ["torch.distributed=none", "train.grad_accum=2", f"output.dir={run_dir}", *sets])
+    """The same global batch in one process: twice the micro-batches per step."""
+    (r,) = load_recipes([recipe])
+    (r,) = load_recipes([recipe], ["torch.distributed=none", f"train.grad_accum={2 * r.train.grad_accum}", f"output.dir={run_dir}", *sets])
     return Trainer(prepare(r), "torch", quiet=True).run().adapter
 
 
@@ -70,9 +72,14 @@ def valid_losses(run_dir: Path) -> list[tuple[int, float]]:
 
 
 def test_ddp_on_two_processes_equals_one_process(tmp_path, tiny_model_dir, small_data):
-    recipe = recipe_file(tmp_path, tiny_model_dir, small_data, train=TRAIN, torch={"precision": "fp32", "distributed": "ddp"})
+    # Two padded micro-batches per process and step: the first under DDP's no_sync, one all-reduce per
+    # step. The gradient sums then differ from one process's in float order (~1e-7): SGD keeps that
+    # at 1e-7 in the adapter, where AdamW would magnify it for gradients near zero.
+    recipe = recipe_file(tmp_path, tiny_model_dir, small_data, train={**TRAIN, "grad_accum": 2, "optimizer": "sgd", "lr": 0.5},
+                         data={"packing": "off"},
+                         torch={"precision": "fp32", "distributed": "ddp"})
     out = launch(recipe, "--nproc-per-node", "2")
-    assert "distributed ddp x2" in out and "2 processes x 2" in out
+    assert "distributed ddp x2" in out and "2 processes x 4" in out
     assert out.count("step 2: validation loss") == 1  # only the first process prints
     run = tmp_path / "run-r"
     single = one_process(recipe, tmp_path / "single")
@@ -82,7 +89,11 @@ def test_ddp_on_two_processes_equals_one_process(tmp_path, tiny_model_dir, small
 
 
 def test_fsdp_shards_checkpoints_resumes_and_equals_one_process(tmp_path, tiny_model_dir, small_data):
-    recipe = recipe_file(tmp_path, tiny_model_dir, small_data, train=TRAIN, torch={"precision": "fp32", "distributed": "fsdp"})
+    # Packed (the default): each process packs its share of the step, so its gradient sums differ from
+    # one process's in float order; SGD (with momentum: optimizer state to shard and resume) keeps that
+    # at 1e-7 in the adapter.
+    recipe = recipe_file(tmp_path, tiny_model_dir, small_data, train={**TRAIN, "grad_accum": 2, "optimizer": "sgd", "lr": 0.5},
+                         torch={"precision": "fp32", "distributed": "fsdp"})
     run = tmp_path / "run-r"
     first = launch(recipe, "--nproc-per-node", "2", "--stop-after", "3")
     assert "stopped r after step 3 of 4" in first
@@ -97,7 +108,9 @@ def test_fsdp_shards_checkpoints_resumes_and_equals_one_process(tmp_path, tiny_m
 
 def test_fsdp_qlora_with_a_bitsandbytes_optimizer_equals_one_process(tmp_path, tiny_model_dir, small_data):
     # bitsandbytes' kernels know no DTensor: ftkit steps each process's local shards (optim.LocalShards).
-    sets = {"model": {"quantize": "nf4"}, "train": {**TRAIN, "optimizer": "paged_adamw_8bit"}}
+    # Padded micro-batches, one per process: the same float sums as one process's two, so the 8-bit
+    # AdamW state (which magnifies any float difference) matches to 1e-6.
+    sets = {"model": {"quantize": "nf4"}, "train": {**TRAIN, "optimizer": "paged_adamw_8bit"}, "data": {"packing": "off"}}
     recipe = recipe_file(tmp_path, tiny_model_dir, small_data, **sets, torch={"precision": "fp32", "distributed": "fsdp"})
     out = launch(recipe, "--nproc-per-node", "2")
     assert "quantization nf4" in out
