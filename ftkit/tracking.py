@@ -255,6 +255,7 @@ class Trackers:
 
     def _start(self, run_record: dict[str, Any]) -> None:
         self._started = True
+        atexit.register(self._at_exit)  # before the first opens: one failing to start leaves none running
         path = self.run_dir / STATE_FILE
         saved = json.loads(path.read_text()) if path.exists() else {}
         run = {k: v for k, v in run_record.items() if k not in ("kind", "step", "time", "hardware")}
@@ -270,7 +271,6 @@ class Trackers:
         from ftkit.checkpoint import write_json_atomic
 
         write_json_atomic(path, {name: t.state for name, t in self.open.items()})
-        atexit.register(self._at_exit)
 
     def close(self, ok: bool = True) -> None:
         if self._closed:
