@@ -141,10 +141,13 @@ def build(run_dir: Path) -> str:
         plots.append(("grad-norm", "Gradient norm (before clipping)", _svg([("grad norm", pts(train, "grad_norm"), "-")], "grad norm")))
     if pts(train, "peak_memory_gib"):
         plots.append(("memory", "Peak accelerator memory", _svg([("GiB", pts(train, "peak_memory_gib"), "-")], "GiB")))
-    skip = {"step", "kind", "time", "elapsed", "loss"}
-    metric_keys = sorted({k for r in valid for k, v in r.items() if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    from ftkit.tracking import numeric
+
+    # Every other number a validation carries, nested per-task ones too (tasks/banking77/accuracy).
+    flat_valid = [{"step": r.get("step"), **{k.split("/", 1)[1]: v for k, v in numeric(r).items()}} for r in valid]
+    metric_keys = sorted({k for r in flat_valid for k in r} - {"step", "elapsed", "loss"})
     for key in metric_keys:
-        plots.append((f"valid-{key}", f"Validation {key}", _svg([(key, pts(valid, key), "o-")], key)))
+        plots.append((f"valid-{key.replace('/', '-')}", f"Validation {key}", _svg([(key, pts(flat_valid, key), "o-")], key)))
 
     tps = [r["tokens_per_sec"] for r in train if isinstance(r.get("tokens_per_sec"), (int, float))]
     elapsed = (final or {}).get("elapsed") or max((r.get("elapsed", 0) for r in train + valid), default=None)
@@ -171,7 +174,7 @@ def build(run_dir: Path) -> str:
     parts.append("</section>")
     if valid:
         cols = ["step", "loss", *metric_keys, "elapsed"]
-        parts.append('<h2>Evaluations</h2><div id="evals">' + _table(valid, [c for c in cols if any(c in r for r in valid)]) + "</div>")
+        parts.append('<h2>Evaluations</h2><div id="evals">' + _table(flat_valid, [c for c in cols if any(c in r for r in flat_valid)]) + "</div>")
     for kind in others:
         rows = [r for r in records if r.get("kind") == kind]
         cols = list(dict.fromkeys(k for r in rows for k in r if k not in ("kind", "time")))

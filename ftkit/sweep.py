@@ -285,7 +285,8 @@ def _fmt(v: Any) -> str:
 
 
 def run_metrics(run_dir: Path, summary: str = "last", goal: str = "minimize") -> dict[str, float]:
-    """`<kind>.<key>` -> the last (or best) value of every number the run's metrics.jsonl records."""
+    """`<kind>.<key>` -> the last (or best) value of every number the run's metrics.jsonl records
+    (nested ones as valid.tasks.<task>.<metric>)."""
     from ftkit.tracking import numeric
 
     path = Path(run_dir) / "metrics.jsonl"
@@ -294,7 +295,7 @@ def run_metrics(run_dir: Path, summary: str = "last", goal: str = "minimize") ->
         if r.get("kind") == "run":
             continue
         for key, value in numeric(r).items():
-            series.setdefault(key.replace("/", ".", 1), []).append(value)
+            series.setdefault(key.replace("/", "."), []).append(value)
     pick = (min if goal == "minimize" else max) if summary == "best" else (lambda xs: xs[-1])
     return {k: pick(v) for k, v in series.items()}
 

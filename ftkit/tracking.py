@@ -74,16 +74,24 @@ def hardware_summary() -> dict[str, Any]:
 
 
 def numeric(record: dict[str, Any]) -> dict[str, float]:
-    """`<kind>/<key>` -> value for every finite number in a record (bools and text left out)."""
+    """`<kind>/<key>` -> value for every finite number in a record (bools and text left out); nested
+    tables as `<kind>/<key>/<subkey>` (per-task metrics: valid/tasks/banking77/accuracy)."""
     kind = record.get("kind") or "metrics"
-    out = {}
-    for key, value in record.items():
-        if key in _SKIP_KEYS or isinstance(value, bool):
-            continue
-        if hasattr(value, "item"):
-            value = value.item()
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            out[f"{kind}/{key}"] = float(value)
+    out: dict[str, float] = {}
+
+    def walk(prefix: str, d: dict[str, Any], top: bool) -> None:
+        for key, value in d.items():
+            if (top and key in _SKIP_KEYS) or isinstance(value, bool):
+                continue
+            if isinstance(value, dict):
+                walk(f"{prefix}/{key}", value, False)
+                continue
+            if hasattr(value, "item"):
+                value = value.item()
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                out[f"{prefix}/{key}"] = float(value)
+
+    walk(kind, record, True)
     return out
 
 

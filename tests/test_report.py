@@ -114,3 +114,19 @@ def test_report_of_a_folder_without_a_run_names_the_runs_inside(tmp_path):
     (tmp_path / "stage-1-pretrain" / "metrics.jsonl").write_text("")
     with pytest.raises(FtkitError, match="stage-1-pretrain"):
         write(tmp_path)
+
+
+def test_report_plots_task_metrics_nested_or_not(tmp_path):
+    from ftkit.metrics import MetricsLog
+    from ftkit.report import build
+
+    with MetricsLog(tmp_path) as log:
+        log.log({"step": 0, "kind": "run", "backend": "torch", "device": "cpu", "hardware": {"cpu": "x"}})
+        for s in (1, 2):
+            log.log({"step": s, "kind": "train", "loss": 2.0 / s, "lr": 1e-4})
+            log.log({"step": s, "kind": "valid", "loss": 1.5 / s, "accuracy": 0.4 * s, "tasks": {"sst2": {"f1": 0.3 * s}}})
+    page = build(tmp_path)
+    parser = Figures()
+    parser.feed(page)
+    assert {"plot-valid-accuracy", "plot-valid-tasks-sst2-f1"} <= set(parser.figures)
+    assert "0.6000" in page and "stopped at step 2" in page  # the f1 at step 2; no final_state.json

@@ -181,3 +181,15 @@ def test_the_ready_sweep_file_loads():
     assert len(pts) == 6 and {(p["method.rank"], p["method.alpha"]) for p in pts} == {(8, 16), (16, 32)}
     assert spec.base["train"]["iters"] == 20 and spec.base["model"]["path"].endswith("models/SmolLM2-135M-Instruct")
     assert spec.output_dir.name == "quickstart-lr"
+
+
+def test_run_metrics_last_or_best_and_nested_task_metrics(tmp_path):
+    from ftkit.metrics import MetricsLog
+
+    with MetricsLog(tmp_path) as log:
+        for s, (loss, f1) in enumerate([(2.0, 0.2), (1.0, 0.6), (1.5, 0.5)], 1):
+            log.log({"step": s, "kind": "valid", "loss": loss, "tasks": {"sst2": {"f1": f1}}})
+    last = sweeps.run_metrics(tmp_path)
+    assert last["valid.loss"] == 1.5 and last["valid.tasks.sst2.f1"] == 0.5
+    assert sweeps.run_metrics(tmp_path, "best", "minimize")["valid.loss"] == 1.0
+    assert sweeps.run_metrics(tmp_path, "best", "maximize")["valid.tasks.sst2.f1"] == 0.6

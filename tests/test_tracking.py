@@ -157,3 +157,11 @@ def test_resumed_log_does_not_send_steps_twice(tmp_path):
     assert again.got == [("run", 3), ("train", 6), ("train", 7)]
     assert again.closed is False
     assert [r["step"] for r in MetricsLog.read(log.path) if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_numeric_keeps_numbers_and_nested_task_metrics():
+    from ftkit.tracking import numeric
+
+    got = numeric({"step": 3, "kind": "valid", "time": 1.0, "loss": 1.25, "accuracy": 0.5, "note": "x", "ok": True,
+                   "tasks": {"banking77": {"accuracy": 0.75, "n": 10}}, "bad": float("nan")})
+    assert got == {"valid/loss": 1.25, "valid/accuracy": 0.5, "valid/tasks/banking77/accuracy": 0.75, "valid/tasks/banking77/n": 10.0}
