@@ -249,10 +249,7 @@ class Trainer:
                 window["steps"] += 1
 
                 if sched.is_report(step):
-                    (loss_sum,) = self.backend.reduce_sum([value(window["loss"])])
-                    if not math.isfinite(loss_sum):
-                        first = step - window["steps"] + 1
-                        raise FtkitError(f"steps {first}-{step}: the loss is {loss_sum}; lower train.lr or check the data.")
+                    loss_sum = self._window_loss(window, step)
                     now = time.perf_counter()
                     train_loss = loss_sum / window["targets"]
                     tps = window["tokens"] / max(1e-9, now - window["t"])
@@ -275,6 +272,7 @@ class Trainer:
                     bar.log(f"step {step}: validation loss {loss:.4f}")
                 state["elapsed"] = time.perf_counter() - t0
                 if sched.is_save(step):
+                    self._window_loss(window, step)  # never a checkpoint of weights a NaN has reached
                     self._save_checkpoint(state)
 
         final = self.run_dir / "adapter"
@@ -300,6 +298,15 @@ class Trainer:
         method, seed = self.recipe.method, self.recipe.train.seed
         rows = lambda: self.backend.embedding_rows(init.prompt_init_ids(method, self.prep.tokenizer, seed))  # noqa: E731
         self.backend.set_adapter_tensors(init.draw(self.backend.adapter_tensors(), seed, rows if method.kind == "prompt" else None))
+
+    def _window_loss(self, window: dict[str, Any], step: int) -> float:
+        """The summed training loss since the last report, over all processes; an error if it is not finite."""
+        (loss_sum,) = self.backend.reduce_sum([value(window["loss"])])
+        if not math.isfinite(loss_sum):
+            first = step - window["steps"] + 1
+            raise FtkitError(f"steps {first}-{step}: the loss is {loss_sum}; lower train.lr or check the data. "
+                             "The checkpoints in the run folder are from before.")
+        return loss_sum
 
     def _step_share(self, position: int) -> batching.Share:
         train, ex = self.recipe.train, self.prep.splits.train

@@ -311,3 +311,21 @@ def test_qlora_gradients_do_not_change_after_a_validation(tmp_path, tiny_model_d
     assert plain.keys() == after.keys() and all(np.abs(g).max() > 0 for g in plain.values())
     for name in plain:
         np.testing.assert_allclose(after[name], plain[name], rtol=1e-5, atol=1e-8, err_msg=name)
+
+
+def test_a_non_finite_loss_stops_the_run_before_it_reaches_a_checkpoint(tmp_path, tiny_model_dir, small_data, monkeypatch):
+    # Losses stay on the device between reports; a NaN is still caught before the next checkpoint.
+    from ftkit_torch.backend import TorchBackend
+
+    p = recipe_file(tmp_path, tiny_model_dir, small_data, train={"iters": 8, "save_every": 2, "steps_per_report": 8})
+    real, calls = TorchBackend.forward_backward, []
+
+    def poisoned(self, batch, scale, sync=True):
+        calls.append(1)
+        loss = real(self, batch, scale, sync)
+        return loss * float("nan") if len(calls) > 3 else loss  # from step 4 (one micro-batch a step)
+
+    monkeypatch.setattr(TorchBackend, "forward_backward", poisoned)
+    with pytest.raises(FtkitError, match=r"steps 1-4: the loss is nan"):
+        trainer_for(p).run()
+    assert [c.name for c in sorted((tmp_path / "run-r" / "checkpoints").glob("step-*"))] == ["step-000002"]
