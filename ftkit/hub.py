@@ -113,10 +113,11 @@ def model_card(folder: Path, repo: str, base_model: str | None, run: Path | None
         shape = ""
         if kind in ("lora", "dora"):
             targets = config.get("target_modules")
-            shape = f" (rank {config.get('r')}, alpha {config.get('lora_alpha')}, on {', '.join(targets) if isinstance(targets, list) else targets})"
+            shape = f" (rank {config.get('r')}, alpha {config.get('lora_alpha'):g}, on {', '.join(sorted(targets)) if isinstance(targets, list) else targets})"
         elif config.get("num_virtual_tokens"):
             shape = f" ({config['num_virtual_tokens']} virtual tokens)"
-        lines.append(f"A **{kind}** adapter{shape} for [`{base}`](https://huggingface.co/{base}), trained with ftkit"
+        label = {"lora": "LoRA", "dora": "DoRA", "prompt": "soft-prompt", "prefix": "prefix-tuning"}.get(kind, kind)
+        lines.append(f"A **{label}** adapter{shape} for [`{base}`](https://huggingface.co/{base}), trained with ftkit"
                      f"{' on ' + meta['backend'] if meta.get('backend') else ''}.")
     else:
         what = "a fused model (adapter merged into its base)" if kind == "fused" else "a fine-tuned model"
@@ -125,7 +126,9 @@ def model_card(folder: Path, repo: str, base_model: str | None, run: Path | None
         recorded = (meta.get("base_model") or {}).get("path") or config.get("base_model_name_or_path")
         lines += ["", f"Base model: `{recorded}` on the machine that trained it (push with `--base-model ORG/NAME` to name its hub id)."]
     if data_path:
-        lines += ["", f"Data: `{data_path}`" + (f" ({recipe['data'].get('format')} format)" if recipe.get("data", {}).get("format") else "") + "."]
+        where = f"[`{data_path}`](https://huggingface.co/datasets/{data_path})" if datasets else f"`{Path(data_path).name}` (a local folder)"
+        fmt = recipe.get("data", {}).get("format")
+        lines += ["", f"Data: {where}" + (f", {fmt} format" if fmt and fmt != "auto" else "") + "."]
     metrics = _metrics(meta, run)
     if metrics:
         lines += ["", "## Metrics", "", "| metric | value |", "| --- | --- |"]
@@ -160,8 +163,10 @@ def _adjusted(path: Path, base_model: str | None) -> bytes:
     obj = json.loads(data)
     if path.name == "adapter_config.json":
         obj["base_model_name_or_path"] = base_model
-    elif isinstance(obj.get("base_model"), dict):
-        obj["base_model"]["path"] = base_model  # the fingerprint stays: loading onto another base still fails
+    elif isinstance(obj.get("base_model"), dict) and obj["base_model"].get("path") != base_model:
+        # The weights fingerprinted here may not be the hub's (a base converted from a quantized GGUF is not):
+        # the user names the base, and ftkit then checks the adapter module by module against its shapes.
+        obj["base_model"] = {"path": base_model, "trained_on": obj["base_model"]}
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 

@@ -57,7 +57,8 @@ def test_push_uploads_adapter_with_card_and_hub_ids_load_it_back(tmp_path, train
         assert set(repo["files"]) == {"adapter_config.json", "adapter_model.safetensors", "ftkit.json", "README.md"}
         assert repo["files"]["adapter_model.safetensors"] == (trained / "adapter" / "adapter_model.safetensors").read_bytes()
         assert json.loads(repo["files"]["adapter_config.json"])["base_model_name_or_path"] == "user/tiny-base"
-        assert json.loads(repo["files"]["ftkit.json"])["base_model"]["path"] == "user/tiny-base"
+        uploaded_meta = json.loads(repo["files"]["ftkit.json"])["base_model"]
+        assert uploaded_meta["path"] == "user/tiny-base" and uploaded_meta["trained_on"]["path"] == str(tiny_model_dir)
         assert pushed["url"] and pushed["base_model"] == "user/tiny-base"
         card = repo["files"]["README.md"].decode()
         head = card.split("---")[1]
