@@ -4,7 +4,7 @@
     python bench/speed.py --smoke --json       # a tiny model, 2 steps, 1 repetition: the test suite's run
     python bench/speed.py --cuda [--qlora]     # a CUDA GPU: a TinyLlama-1.1B-shaped Llama in bf16 (nf4 base with --qlora)
     python bench/speed.py --reps 5 --steps 16 --datasets wikisql,packed --pairs torch --markdown
-    python bench/speed.py --ftkit-set data.packing=true    # any ftkit recipe key, for the ftkit runs only
+    python bench/speed.py --ftkit-set data.packing=off     # any ftkit recipe key, for the ftkit runs only
 
 Two pairs, each run in one process tree, on the same training rows, model, sequence length, effective batch,
 LoRA (rank, alpha, dropout, every linear layer), optimizer (AdamW, same lr, cosine schedule, no warmup,
@@ -31,7 +31,6 @@ import argparse
 import importlib.metadata
 import importlib.util
 import json
-import math
 import os
 import platform
 import shutil
@@ -205,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cells = [(p, n) for p in pairs for n in chosen[p]]
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None  # a busy machine makes every figure noisy
     runs = []
     for rep in range(reps):
         for p, name in cells:
@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarize(runs, cells)
     report = {
         "profile": profile.name, "command": "python bench/speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": machine(), "versions": versions(), "reps": reps, "pairs": pairs,
+        "machine": {**machine(), "load_average_before": load_before, "load_average_after": os.getloadavg() if load_before else None},
+        "started": stamp, "versions": versions(), "reps": reps, "pairs": pairs,
         "settings": {p: pair_settings[p].as_dict() for p in pairs}, "ftkit_sets": {p: ftkit_sets(pair_settings[p], args.ftkit_set) for p in pairs},
         "models": {p: models.describe(pair_model[p]) for p in pairs},
         "datasets": {f"{p}/{n}": d.as_dict() for (p, n), d in data.items()},
@@ -242,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     table = render(rows, args.markdown)
     header = (f"{profile.name}: {s.steps} steps x {s.batch_size} x {s.grad_accum} examples, LoRA r{s.rank} alpha {s.alpha:g} all-linear, "
               f"{s.precision}{', nf4 base' if s.quantize != 'none' else ''}, medians over {reps} repetition(s)")
+    if load_before:
+        notes.append(f"load average (1 min) {load_before[0]:.1f} before, {report['machine']['load_average_after'][0]:.1f} after, "
+                     f"on {os.cpu_count()} cores")
     text = "\n".join([header, "", table, *(f"note: {n}" for n in notes)])
     if args.out:
         args.out.write_text(json.dumps(report, indent=1, default=str))

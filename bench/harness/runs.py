@@ -39,7 +39,7 @@ def ftkit(backend: str, s: Settings, model: Path, data_folder: Path, run_dir: Pa
           max_rss_bytes: int | None = None, work: Path | None = None) -> dict:
     run_dir.mkdir(parents=True)
     recipe = run_dir / "recipe-in.toml"
-    recipe.write_text(ftkit_recipe(s, model, data_folder, run_dir / "run"))
+    recipe.write_text(ftkit_recipe(s, model, data_folder, run_dir / "run", backend))
     cmd = [sys.executable, "-m", "ftkit.cli", "train", str(recipe), "--backend", backend, "--json"]
     for item in ftkit_sets(s, extra_sets):
         cmd += ["--set", item]
