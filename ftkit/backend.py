@@ -80,6 +80,9 @@ class Backend(Protocol):
     def eval_loss(self, batch: Batch) -> float:
         """Sum of target-token losses, no gradients."""
 
+    def row_losses(self, batch: Batch) -> "np.ndarray":
+        """Each row's sum of target-token losses, float64 [rows], no gradients (a padded batch: no positions)."""
+
     def next_logits(self, new_ids: list[int], state: Any | None) -> tuple["np.ndarray", Any]:
         """Float32 logits for the token after `new_ids` (appended to `state`'s context; None starts over)."""
 

@@ -201,16 +201,16 @@ def _print_plans(plans: list[dict[str, Any]]) -> None:
 
 @app.command("eval")
 def eval_(
-    recipe: Annotated[Path, typer.Argument(help="The recipe whose data (its eval.split, test by default) to evaluate on, with its [eval] task metrics.")],
+    recipe: Annotated[Path, typer.Argument(help="The recipe whose data (its eval.split, test by default) to evaluate on, with its \\[eval] task metrics.")],
     adapter: Annotated[Optional[Path], typer.Option(help="Adapter folder (or a full fine-tune's model folder). Without it: the base model.")] = None,
     split: Annotated[Optional[str], typer.Option(help="test | valid | train (default: the recipe's eval.split, test).")] = None,
-    compare: Annotated[Optional[bool], typer.Option("--compare/--no-compare", help="Also evaluate the base model, for a before/after table (default: on with --adapter when the recipe has [eval] tasks).")] = None,
+    compare: Annotated[Optional[bool], typer.Option("--compare/--no-compare", help="Also evaluate the base model, for a before/after table (default: on with --adapter when the recipe has \\[eval] tasks).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Where to save the JSON result (default: <run folder>/eval-<split>.json, when there are tasks or a comparison).")] = None,
     backend: BackendOpt = "auto",
     set_: SetOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Loss, perplexity and the recipe's [eval] task metrics (accuracy, macro-F1, exact match ...), base vs adapter."""
+    """Loss, perplexity and the recipe's \\[eval] task metrics (accuracy, macro-F1, exact match ...), base vs adapter."""
     from ftkit.evaluation import evaluate_recipe
 
     try:

@@ -52,29 +52,6 @@ def open_model(model: str, backend_name: str, adapter: Path | None):
     return load_for_inference(recipe, backend_name, adapter, model_path, tokenizer), tokenizer, model_path
 
 
-def evaluate_split(recipe: Recipe, backend_name: str, adapter: Path | None, split: str = "test") -> dict[str, Any]:
-    from ftkit.loop import evaluate, prepare
-
-    prep = prepare(recipe)
-    examples = getattr(prep.splits, split)
-    if not examples:
-        raise FtkitError(
-            f"{recipe.data.path}: the {split} split is empty. Add a {split} file to the data folder, or set "
-            f"data.{split}_fraction to hold out part of the training data."
-        )
-    backend = load_for_inference(recipe, backend_name, adapter, prep.model_path, prep.tokenizer)
-    loss = evaluate(backend, examples, recipe.train.batch_size, prep.tokenizer.pad_token_id)
-    return {
-        "split": split,
-        "examples": len(examples),
-        "target_tokens": sum(sum(e.mask[1:]) for e in examples),
-        "loss": loss,
-        "perplexity": math.exp(loss) if loss < 700 else float("inf"),
-        "backend": backend.name,
-        "adapter": str(adapter) if adapter else None,
-    }
-
-
 # ---------------------------------------------------------------- task metrics, before and after
 
 

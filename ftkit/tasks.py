@@ -1,7 +1,7 @@
 """Task metrics for `ftkit eval`: classification, multiple choice and generation, on any backend.
 
-Scoring goes through the backend contract only (`eval_loss` for log-likelihoods, `next_logits` for
-generation), so it is the same on torch and MLX. A candidate answer (a label, a choice) is scored by
+Scoring goes through the backend contract only (`row_losses` for log-likelihoods, a batch of
+candidates at a time; `next_logits` for generation), so it is the same on torch and MLX. A candidate answer (a label, a choice) is scored by
 putting it where the row's completion was and encoding the row exactly as training does: its
 log-likelihood is minus the loss on its target tokens (the answer and the EOS or end-of-turn token
 after it, so a label that is a prefix of another is not favoured). Generation starts from the same
@@ -16,9 +16,13 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from ftkit.errors import FtkitError
 
 UNMATCHED = "(unmatched)"
+# Candidates scored per forward pass: the rows, and their padded tokens (the logits of the targets only, on torch).
+LOGLIK_ROWS, LOGLIK_TOKENS = 32, 4096
 
 
 # ---------------------------------------------------------------- metric arithmetic
@@ -133,16 +137,23 @@ class Scorer:
         """Whether the row, answer included, fits in data.max_seq_length (training drops or cuts the others)."""
         return not self.encode(row).truncated
 
-    def logliks(self, rows: list[dict]) -> list[tuple[float, int]] | None:
-        """(log-likelihood of the targets, number of target tokens) per row; None when one does not fit."""
+    def logliks(self, groups: list[list[dict]]) -> list[list[tuple[float, int]] | None]:
+        """Per group (one example's candidates): (log-likelihood of the targets, target tokens) of each
+        row, or None when one of the group's rows does not fit. Rows of similar length share a batch."""
         from ftkit.data import make_batch
 
-        examples = [self.encode(row) for row in rows]
-        if any(ex.truncated for ex in examples):
-            return None
-        pad = self.tokenizer.pad_token_id
-        # One row per forward: eval_loss sums over its batch, and a row's own sum is what ranks it.
-        return [(-self.backend.eval_loss(make_batch([ex], pad)), sum(ex.mask[1:])) for ex in examples]
+        encoded = [[self.encode(row) for row in group] for group in groups]
+        fitting = [all(not ex.truncated for ex in group) for group in encoded]
+        flat = [ex for group, ok in zip(encoded, fitting) if ok for ex in group]
+        scores = np.zeros(len(flat))
+        for take in _length_batches([len(ex.ids) for ex in flat]):
+            scores[take] = -self.backend.row_losses(make_batch([flat[i] for i in take], self.tokenizer.pad_token_id))
+        out: list[list[tuple[float, int]] | None] = []
+        k = 0
+        for group, ok in zip(encoded, fitting):
+            out.append([(float(scores[k + j]), int(sum(ex.mask[1:]))) for j, ex in enumerate(group)] if ok else None)
+            k += len(group) if ok else 0
+        return out
 
     def prompt_ids(self, row: dict) -> list[int]:
         """The tokens before the row's answer: what generation feeds the model."""
@@ -167,6 +178,18 @@ class Scorer:
         from ftkit.generate import Sampling, complete
 
         return complete(self.backend, self.tokenizer, self.prompt_ids(row), max_tokens, Sampling(), stops).text
+
+
+def _length_batches(lengths: list[int]) -> list[list[int]]:
+    """Indices in batches of similar lengths (little padding), at most LOGLIK_ROWS rows and about
+    LOGLIK_TOKENS padded tokens each (one row more when a single row is longer)."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if batches and len(batches[-1]) < LOGLIK_ROWS and (len(batches[-1]) + 1) * lengths[i] <= LOGLIK_TOKENS:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 def default_stops(scorer: Scorer, golds: list[str]) -> list[str]:
@@ -204,6 +227,7 @@ def run_task(scorer: Scorer, task, rows: list[dict], label_set: list[str] | None
         return {"task": kind, **generation_metrics(golds, preds, settings.normalize), **_skipped(skipped), "samples": samples[:5]}
     gold, pred = [], []
     stops, names, cands = None, [], []
+    pending = []  # loglik: (gold, label names, candidate rows) per example, scored in batches below
     for i, r in enumerate(rows):
         cands, names = mapper.candidates(r, f"{where} row {i + 1}", label_set)
         g = names.index(r["_gold"]) if kind == "classification" else r["_gold"]
@@ -213,14 +237,17 @@ def run_task(scorer: Scorer, task, rows: list[dict], label_set: list[str] | None
             text = scorer.generate(r, settings.max_tokens, stops)
             p = match_answer(text, cands)
             samples.append({"gold": names[g], "generated": text})
+            gold.append(names[g])
+            pred.append(names[p] if p is not None else UNMATCHED)
         else:
-            scores = scorer.logliks([scorer.with_completion(r, c) for c in cands])
-            if scores is None:  # a longer candidate does not fit where the right one does: not a fair comparison
-                skipped["too_long"] = skipped.get("too_long", 0) + 1
-                continue
-            p = pick_best(scores, settings.length_normalize)
-        gold.append(names[g] if kind == "classification" else g)
-        pred.append((names[p] if p is not None else UNMATCHED) if kind == "classification" else p)
+            pending.append((g, names, [scorer.with_completion(r, c) for c in cands]))
+    for (g, names_of, _), scores in zip(pending, scorer.logliks([group for *_, group in pending])):
+        if scores is None:  # a longer candidate does not fit where the right one does: not a fair comparison
+            skipped["too_long"] = skipped.get("too_long", 0) + 1
+            continue
+        p = pick_best(scores, settings.length_normalize)
+        gold.append(names_of[g] if kind == "classification" else g)
+        pred.append(names_of[p] if kind == "classification" else p)
     if kind == "classification":
         out = {"task": kind, "scoring": settings.scoring, "labels": len(names),
                **classification_metrics(gold, pred, n_confusions), **_skipped(skipped)}

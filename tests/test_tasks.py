@@ -84,16 +84,19 @@ def test_label_log_likelihoods_are_the_models(tiny_model_dir, tmp_path):
     scorer = tasks.Scorer(be, tok, data, "completion")
     row = {"prompt": "table: 1-1000181-1\nQ: how many?\nA:"}
     cands = [" SELECT COUNT", " nothing at all"]
-    got = scorer.logliks([scorer.with_completion(row, c) for c in cands])
+    # two examples of different lengths: their candidates share padded batches
+    rows = [row, {"prompt": "table: 2-17\nQ: which player has the most points of all the players here?\nA:"}]
+    got = scorer.logliks([[scorer.with_completion(r, c) for c in cands] for r in rows])
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    for (ll, n), c in zip(got, cands):
-        p = tok(row["prompt"])["input_ids"]
-        a = tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        ids = torch.tensor([p + a])
-        with torch.no_grad():
-            logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
-        by_hand = sum(logp[len(p) - 1 + j, a[j]].item() for j in range(len(a)))
-        assert n == len(a) and ll == pytest.approx(by_hand, abs=1e-4)
+    for r, group in zip(rows, got):
+        for (ll, n), c in zip(group, cands):
+            p = tok(r["prompt"])["input_ids"]
+            a = tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            ids = torch.tensor([p + a])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+            by_hand = sum(logp[len(p) - 1 + j, a[j]].item() for j in range(len(a)))
+            assert n == len(a) and ll == pytest.approx(by_hand, abs=1e-4)
     assert scorer.prompt_ids(scorer.with_completion(row, cands[0])) == tok(row["prompt"])["input_ids"]
 
 
@@ -150,8 +153,37 @@ def test_label_scores_agree_on_torch_and_mlx(tiny_model_dir):
     for name in ("torch", "mlx"):
         be, tok, _ = open_model(str(tiny_model_dir), name, None)
         scorer = tasks.Scorer(be, tok, data, "completion")
-        scores.append(scorer.logliks([scorer.with_completion(row, c) for c in cands]))
+        (group,) = scorer.logliks([[scorer.with_completion(row, c) for c in cands]])
+        scores.append(group)
         gold = scorer.with_completion(row, cands[0])
         assert scorer.generate(gold, 4, ["\n"]) == scorer.generate(gold, 4, ["\n"])
     for (a, n), (b, m) in zip(*scores):
         assert n == m and a == pytest.approx(b, rel=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["lora", "prompt"])
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_row_losses_are_each_rows_own_loss(tmp_path, tiny_model_dir, small_data, kind, backend):
+    """A padded batch's per-row sums equal each row scored alone (a soft prompt's positions left out)."""
+    if backend == "mlx":
+        pytest.importorskip("mlx")
+    import numpy as np
+
+    from builders import recipe_file
+    from ftkit.backend import get_backend
+    from ftkit.data import make_batch
+    from ftkit.loop import prepare
+    from ftkit.recipe import load_recipes
+
+    (recipe,) = load_recipes([recipe_file(tmp_path, tiny_model_dir, small_data, method={"kind": kind})])
+    prep = prepare(recipe)
+    be = get_backend(backend)
+    be.load(recipe, prep.model_path, adapter=None, train=True)
+    be.set_adapter_tensors({k: np.random.default_rng(0).normal(0, 0.05, v.shape).astype(np.float32)
+                            for k, v in be.adapter_tensors().items()})
+    examples = sorted(prep.splits.valid[:5], key=lambda e: len(e.ids))  # lengths differ: padding in the batch
+    assert len({len(e.ids) for e in examples}) > 1
+    pad = prep.tokenizer.pad_token_id
+    rows = be.row_losses(make_batch(examples, pad))
+    alone = [be.eval_loss(make_batch([e], pad)) for e in examples]
+    np.testing.assert_allclose(rows, alone, rtol=2e-5)

@@ -116,7 +116,7 @@ def test_qlora_quantizes_the_base_on_load(tmp_path, tiny_model_dir, small_data):
 
 def test_a_converted_4bit_model_is_used_as_it_is(tmp_path, tiny_model_dir, small_data):
     from ftkit.convert import quantize_mlx
-    from ftkit.evaluation import evaluate_split
+    from ftkit.evaluation import evaluate_recipe
     from ftkit.fuse import fuse
 
     q4 = quantize_mlx(tiny_model_dir, tmp_path / "q4", bits=4, group_size=32)
@@ -128,14 +128,14 @@ def test_a_converted_4bit_model_is_used_as_it_is(tmp_path, tiny_model_dir, small
     assert res.info["quantization"] == "4-bit, group size 32"
     (recipe,) = load_recipes([p])
     with pytest.raises(FtkitError, match="quantized in MLX's format"):
-        evaluate_split(recipe, "torch", res.adapter)
-    loss = evaluate_split(recipe, "mlx", res.adapter)["loss"]
+        evaluate_recipe(recipe, "torch", res.adapter, compare=False)
+    loss = evaluate_recipe(recipe, "mlx", res.adapter, compare=False)["loss"]
     # fuse onto the 4-bit base, dequantized: a plain float model that transformers loads
     fuse(res.adapter, tmp_path / "fused", model=None, backend_name="mlx", dequantize=True, force=False)
     fused_cfg = json.loads((tmp_path / "fused" / "config.json").read_text())
     assert "quantization" not in fused_cfg and "quantization_config" not in fused_cfg
     recipe.model.path = str(tmp_path / "fused")
-    assert evaluate_split(recipe, "torch", None)["loss"] == pytest.approx(loss, rel=1e-3)
+    assert evaluate_recipe(recipe, "torch", None)["loss"] == pytest.approx(loss, rel=1e-3)
 
 
 # ---------------------------------------------------------------- keys a backend cannot honour
@@ -199,7 +199,7 @@ def test_soft_prompt_starts_from_the_init_text_embeddings(tmp_path, tiny_model_d
 
 
 def test_prompt_training_continues_from_a_prompt_adapter(tmp_path, tiny_model_dir, small_data):
-    from ftkit.evaluation import evaluate_split
+    from ftkit.evaluation import evaluate_recipe
 
     first = run(recipe_file(tmp_path, tiny_model_dir, small_data, name="a", method={"kind": "prompt", "num_virtual_tokens": 5},
                             train={"iters": 3, "save_every": 3, "lr": 3e-2}))
@@ -207,7 +207,7 @@ def test_prompt_training_continues_from_a_prompt_adapter(tmp_path, tiny_model_di
                     train={"iters": 2, "save_every": 2, "val_batches": 4})
     second = run(p)
     (recipe,) = load_recipes([p])
-    assert second.first_valid_loss == pytest.approx(evaluate_split(recipe, "mlx", first.adapter, "valid")["loss"], rel=1e-5)
+    assert second.first_valid_loss == pytest.approx(evaluate_recipe(recipe, "mlx", first.adapter, "valid", compare=False)["loss"], rel=1e-5)
     wrong = recipe_file(tmp_path, tiny_model_dir, small_data, name="c", method={"kind": "prompt", "num_virtual_tokens": 9, "resume_from": str(first.adapter)})
     with pytest.raises(FtkitError, match="5 virtual tokens, but the recipe's method.num_virtual_tokens is 9"):
         run(wrong)

@@ -224,6 +224,18 @@ class MlxBackend:
         finally:
             self.tuned.train(was_training)
 
+    def row_losses(self, batch: Batch) -> np.ndarray:
+        was_training = self.tuned.training
+        self.tuned.train(False)
+        try:
+            inputs, targets_, mask = mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask)
+            per = nn.losses.cross_entropy(self.tuned(inputs).astype(mx.float32), targets_, reduction="none")
+            out = (per * mask).sum(axis=1)
+            mx.eval(out)
+            return np.array(out).astype(np.float64)
+        finally:
+            self.tuned.train(was_training)
+
     def next_logits(self, new_ids: list[int], state: Any | None) -> tuple[np.ndarray, Any]:
         from mlx_lm.models.cache import make_prompt_cache
 

@@ -344,6 +344,29 @@ class TorchBackend:
             self.model.train(was_training)
 
     @torch.no_grad()
+    def row_losses(self, batch: Batch) -> np.ndarray:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            kwargs: dict[str, Any] = {"input_ids": self._tensor(batch.inputs, torch.long),
+                                      "attention_mask": self._tensor(batch.attention_mask, torch.long)}
+            autocast = torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+            if self.logits_at == "targets":
+                selected = batch.mask > 0  # logits only where a row has a target: a label's few tokens
+                kwargs["logits_to_keep"] = self._tensor(selected, torch.bool)
+                with autocast:
+                    logits = self.model(**kwargs).logits
+                per = F.cross_entropy(logits.float(), self._tensor(batch.targets[selected], torch.long), reduction="none")
+                rows = np.nonzero(selected)[0]
+                return np.bincount(rows, weights=per.cpu().double().numpy() * batch.mask[selected], minlength=len(batch.inputs))
+            with autocast:
+                logits = self.model(**kwargs).logits[:, self.n_virtual :]
+            per = F.cross_entropy(logits.float().transpose(1, 2), self._tensor(batch.targets, torch.long), reduction="none")
+            return (per * self._tensor(batch.mask, torch.float32)).sum(1).cpu().double().numpy()
+        finally:
+            self.model.train(was_training)
+
+    @torch.no_grad()
     def next_logits(self, new_ids: list[int], state: Any | None) -> tuple[np.ndarray, Any]:
         self.model.eval()
         ids = torch.tensor([new_ids], device=self.device)
