@@ -227,3 +227,38 @@ def test_training_packed_or_padded_ends_with_the_same_adapter(tmp_path, tiny_mod
     assert on.trained_tokens == off.trained_tokens
     for k in ta:
         np.testing.assert_allclose(ta[k], tb[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_chunked_linear_cross_entropy_gives_the_plain_loss_and_gradients(dtype):
+    """Gradients taken in the forward pass, chunk by chunk: the same as full logits, for hidden states,
+    a trainable head (full fine-tuning) and its bias."""
+    torch = pytest.importorskip("torch")
+    import torch.nn.functional as F
+    from ftkit_torch.loss import linear_cross_entropy
+
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(11, 16, generator=g).to(dt).requires_grad_()
+    weight = (torch.randn(37, 16, generator=g) * 0.3).requires_grad_()
+    bias = (torch.randn(37, generator=g) * 0.1).requires_grad_()
+    targets = torch.randint(0, 37, (11,), generator=g)
+    ref = F.cross_entropy(F.linear(hidden.float(), weight, bias), targets, reduction="sum")
+    ref_grads = torch.autograd.grad(ref * 0.5, (hidden, weight, bias))
+    got = linear_cross_entropy(hidden, weight, bias, targets, 4)  # 3 chunks, the last one short
+    got_grads = torch.autograd.grad(got * 0.5, (hidden, weight, bias))
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    assert float(got) == pytest.approx(float(ref), rel=tol)
+    for a, b in zip(got_grads, ref_grads):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(a.float().numpy(), b.float().numpy(), rtol=tol, atol=tol * 0.1)
+    if dtype == "float32":  # any other head: each chunk's logits recomputed in the backward pass
+        from ftkit_torch.loss import chunked_cross_entropy
+
+        head = lambda h: F.linear(h, weight, bias)  # noqa: E731
+        again = chunked_cross_entropy(head, hidden, targets, 4)
+        for a, b in zip(torch.autograd.grad(again * 0.5, (hidden, weight, bias)), ref_grads):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=tol, atol=tol * 0.1)
+    with torch.no_grad():  # validation: the loss only
+        assert float(linear_cross_entropy(hidden, weight, None, targets, 4)) == pytest.approx(
+            float(F.cross_entropy(F.linear(hidden.float(), weight), targets, reduction="sum")), rel=tol)

@@ -4,9 +4,10 @@ Two savings, both exact:
 - the output head runs only at target positions (transformers' `logits_to_keep` with a boolean mask:
   the completion, the assistant turns), so prompt tokens cost no head matmul and no softmax;
 - where those logits would still be large (long sequences x a big vocabulary), the loss is computed
-  inside the head's forward, a chunk of tokens at a time, each chunk's logits recomputed in the
-  backward pass instead of kept (activation checkpointing per chunk; liger-kernel's fused linear
-  cross-entropy on CUDA when it is installed and the head is a plain linear layer).
+  inside the head's forward, a chunk of tokens at a time: for a plain linear head each chunk's
+  gradients are taken right away, so no logits are kept or recomputed (liger-kernel's fused linear
+  cross-entropy instead on CUDA when it is installed); any other head recomputes each chunk's logits
+  in the backward pass (activation checkpointing per chunk).
 
 The head is reached through a forward override on the model's own output-embedding module, so its
 parameter names, weight tying, PEFT and FSDP wrapping stay as they are. `HeadLoss.verify` checks on a
@@ -26,8 +27,62 @@ from torch.utils.checkpoint import checkpoint
 CHUNK_ELEMENTS = 1 << 25
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Sum over tokens of -log softmax(hidden @ weight.T + bias)[target], a chunk of tokens at a time.
+
+    Each chunk's gradients (softmax minus one-hot, through the head) are computed in the forward pass,
+    so the backward pass neither keeps nor recomputes any logits: one head matmul forward and one or two
+    backward, as with full logits, in one chunk's memory (liger-kernel's fused linear cross-entropy does the
+    same in Triton on CUDA).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens):
+        need_h, need_w = hidden.requires_grad, weight.requires_grad
+        need_b = bias is not None and bias.requires_grad
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        w = weight.to(hidden.dtype)  # as autocast would (once, not per chunk); a no-op when they match
+        b = None if bias is None else bias.to(hidden.dtype)
+        for a in range(0, hidden.shape[0], chunk_tokens):
+            h, t = hidden[a : a + chunk_tokens], targets[a : a + chunk_tokens]
+            logits = F.linear(h, w, b).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if need_h or need_w or need_b:
+                d = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                d[torch.arange(len(t), device=d.device), t] -= 1.0
+                d = d.to(h.dtype)
+                if need_h:
+                    grad_h[a : a + chunk_tokens] = d @ w
+                if need_w:
+                    grad_w += (d.t() @ h).float()
+                if need_b:
+                    grad_b += d.float().sum(0)
+        ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
+        ctx.needs = (need_h, need_w, need_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = iter(ctx.saved_tensors)
+        need_h, need_w, need_b = ctx.needs
+        gh = next(saved) * grad_out if need_h else None  # a 0-d factor keeps the hidden states' dtype
+        gw = (next(saved) * grad_out).to(ctx.dtypes[0]) if need_w else None
+        gb = (next(saved) * grad_out).to(ctx.dtypes[1]) if need_b else None
+        return gh, gw, gb, None, None
+
+
+def linear_cross_entropy(hidden, weight, bias, targets, chunk_tokens: int) -> torch.Tensor:
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_tokens)
+
+
 def chunked_cross_entropy(head, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
-    """Sum over tokens of -log softmax(head(hidden))[target], never holding more than one chunk's logits."""
+    """The same sum for any head module (one that is not a plain linear layer): each chunk's logits are
+    recomputed in the backward pass instead of kept (activation checkpointing per chunk)."""
 
     def part(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(head(h).float(), t, reduction="sum")
@@ -77,6 +132,8 @@ class HeadLoss:
         fused = self._fused()
         if fused is not None:
             self.loss = fused(h, self.head.weight, targets, reduction="sum").float()
+        elif isinstance(self.head, torch.nn.Linear) and type(self.head).forward is torch.nn.Linear.forward:
+            self.loss = linear_cross_entropy(h, self.head.weight, self.head.bias, targets, self.chunk_tokens)
         else:
             self.loss = chunked_cross_entropy(self._plain, h, targets, self.chunk_tokens)
         return hidden.new_zeros((*hidden.shape[:-1], 1))  # what the model returns as logits; unused
