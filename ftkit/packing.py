@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ftkit.backend import Batch
-from ftkit.data import Example, check_batch
+from ftkit.data import Example, check_batch, make_batch
 
 
 def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -73,11 +73,21 @@ def packed_batch(examples: Sequence[Example], rows: list[list[int]], pad_id: int
 
 
 def packed_micro_batches(examples: Sequence[Example], batch_size: int, pad_id: int | None) -> list[Batch]:
-    """The step's examples as packed micro-batches (see the module docstring for the sizes)."""
+    """The step's examples as packed micro-batches (see the module docstring for the sizes).
+
+    A micro-batch whose rows each hold one example is an ordinary padded batch (no positions): the
+    attention kernels' plain causal path is faster than a block mask (measured on CPU SDPA at 2,048 tokens).
+    """
     lengths = [len(e.ids) - 1 for e in examples]
     rows = pack_rows(lengths, max(lengths))
     rows.sort(key=lambda row: (-sum(lengths[i] for i in row), row[0]))  # similar widths share a micro-batch
-    return [packed_batch(examples, rows[j : j + batch_size], pad_id) for j in range(0, len(rows), batch_size)]
+    out = []
+    for j in range(0, len(rows), batch_size):
+        chunk = rows[j : j + batch_size]
+        singles = all(len(row) == 1 for row in chunk)
+        out.append(make_batch([examples[row[0]] for row in chunk], 0 if pad_id is None else pad_id) if singles
+                   else packed_batch(examples, chunk, pad_id))
+    return out
 
 
 def segment_ids(positions: np.ndarray) -> np.ndarray:

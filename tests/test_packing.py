@@ -64,6 +64,16 @@ def test_packed_micro_batches_are_never_larger_than_the_padded_longest():
     assert sum(b.n_targets for b in batches) == sum(sum(e.mask[1:]) for e in ex)
 
 
+def test_rows_of_one_example_each_are_a_plain_padded_batch():
+    """Examples that cannot share a row (two of the longest) become a padded batch: no positions."""
+    ex = examples([9, 9, 3, 2])
+    mbs = packed_micro_batches(ex, 2, 0)
+    singles = [b for b in mbs if b.positions is None]
+    assert len(singles) == 1 and singles[0].inputs.shape == (2, 8)
+    np.testing.assert_array_equal(singles[0].inputs, make_batch(ex[:2], 0).inputs)
+    assert any(b.positions is not None for b in mbs)  # 3 + 2 share a row
+
+
 def test_every_process_runs_as_many_micro_batches():
     ex = examples([40, 5, 5, 5, 5, 38])
     shares = [batching.share(ex, 2, 0, True, World(r, 2)) for r in range(2)]
