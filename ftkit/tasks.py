@@ -1,8 +1,9 @@
 """Task metrics for `ftkit eval`: classification, multiple choice and generation, on any backend.
 
 Scoring goes through the backend contract only (`row_losses` for log-likelihoods, a batch of
-candidates at a time; `next_logits` for generation), so it is the same on torch and MLX. A candidate answer (a label, a choice) is scored by
-putting it where the row's completion was and encoding the row exactly as training does: its
+candidates at a time; `next_logits` for generation), so it is the same on torch and MLX. A candidate
+answer (a label, a choice) is scored by putting it where the row's completion was and encoding the row
+exactly as training does: its
 log-likelihood is minus the loss on its target tokens (the answer and the EOS or end-of-turn token
 after it, so a label that is a prefix of another is not favoured). Generation starts from the same
 tokens a training example has before its answer.
