@@ -272,7 +272,8 @@ class Trainer:
                     bar.log(f"step {step}: validation loss {loss:.4f}")
                 state["elapsed"] = time.perf_counter() - t0
                 if sched.is_save(step):
-                    self._window_loss(window, step)  # never a checkpoint of weights a NaN has reached
+                    if window["steps"]:  # never a checkpoint of weights a NaN has reached (a report just checked)
+                        self._window_loss(window, step)
                     self._save_checkpoint(state)
 
         final = self.run_dir / "adapter"

@@ -254,7 +254,7 @@ class TorchBackend:
     def _tensor(self, a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(self.device, dtype, non_blocking=True)
 
-    def _loss_sum(self, batch: Batch, model) -> torch.Tensor:
+    def _model_inputs(self, batch: Batch) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"input_ids": self._tensor(batch.inputs, torch.long)}
         if batch.positions is not None:
             # No attention mask: transformers then reads the packed examples from the position ids
@@ -262,8 +262,15 @@ class TorchBackend:
             kwargs["position_ids"] = self._tensor(batch.positions, torch.long)
         else:
             kwargs["attention_mask"] = self._tensor(batch.attention_mask, torch.long)
+        return kwargs
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+
+    def _loss_sum(self, batch: Batch, model) -> torch.Tensor:
+        kwargs = self._model_inputs(batch)
         targets, mask = batch.targets, batch.mask
-        autocast = torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+        autocast = self._autocast()
         if self.logits_at == "targets":
             # The output head only at target positions (ftkit_torch.loss): the masks are 0/1, so the
             # loss is the plain sum over the selected tokens.
@@ -348,9 +355,8 @@ class TorchBackend:
         was_training = self.model.training
         self.model.eval()
         try:
-            kwargs: dict[str, Any] = {"input_ids": self._tensor(batch.inputs, torch.long),
-                                      "attention_mask": self._tensor(batch.attention_mask, torch.long)}
-            autocast = torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+            kwargs = self._model_inputs(batch)
+            autocast = self._autocast()
             if self.logits_at == "targets":
                 selected = batch.mask > 0  # logits only where a row has a target: a label's few tokens
                 kwargs["logits_to_keep"] = self._tensor(selected, torch.bool)
@@ -372,7 +378,7 @@ class TorchBackend:
         ids = torch.tensor([new_ids], device=self.device)
         # A soft prompt or prefix is added once; later tokens extend its cache through the base model.
         model = self.model.base_model if (self.prompt_learning and state is not None) else self.model
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+        with self._autocast():
             out = model(input_ids=ids, past_key_values=state, use_cache=True)
         return out.logits[0, -1].float().cpu().numpy(), out.past_key_values
 

@@ -17,6 +17,7 @@ forward post-processes the logits, e.g. soft-capping, fails the check and keeps 
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -93,6 +94,7 @@ def chunked_cross_entropy(head, hidden: torch.Tensor, targets: torch.Tensor, chu
     return total
 
 
+@functools.cache  # asked at every micro-batch: import (or fail to) once
 def _liger():
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
