@@ -27,10 +27,11 @@ from test_cross_backend import logits_on, peft_logits, train  # noqa: E402
 def real(model: Path, adapter: Path) -> None:
     import time
 
-    from ftkit.evaluation import load_for_inference
-    from ftkit.loop import evaluate, load_tokenizer
-    from ftkit.data import load_splits
-    from ftkit.recipe import build_recipe
+    from ftkit.data.token_cache import load_splits
+    from ftkit.evaluate.inference import load_for_inference
+    from ftkit.models.tokenizer import load_tokenizer
+    from ftkit.recipe.load import build_recipe
+    from ftkit.train.validate import evaluate
 
     tok = load_tokenizer(model)
     recipe = build_recipe({"model": {"path": str(model)}, "data": {"path": str(WIKISQL), "max_seq_length": 512},

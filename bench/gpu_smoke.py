@@ -40,8 +40,9 @@ def build_model(dest: Path) -> Path:
 def main() -> None:
     import torch
 
-    from ftkit.loop import Trainer, prepare
-    from ftkit.recipe import load_recipes
+    from ftkit.recipe.load import load_recipes
+    from ftkit.train.loop import Trainer
+    from ftkit.train.prepare import prepare
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=30)

@@ -44,7 +44,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from harness import datasets, models, process, runs as tool_runs  # noqa: E402
+from harness import datasets, models, process  # noqa: E402
+from harness import runs as tool_runs
 from harness.settings import PROFILES, ftkit_sets  # noqa: E402
 
 REPO = HERE.parent

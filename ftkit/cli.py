@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ftkit import __version__
-from ftkit.errors import FtkitError
+from ftkit.common.errors import FtkitError
 
 app = typer.Typer(
     name="ftkit",
@@ -53,7 +53,7 @@ def _emit(obj: dict[str, Any]) -> None:
 def _fail(err: Exception, as_json: bool) -> None:
     from rich.markup import escape
 
-    from ftkit.progress import console
+    from ftkit.common.console import console
 
     if as_json:
         _emit({"error": str(err)})
@@ -63,7 +63,7 @@ def _fail(err: Exception, as_json: bool) -> None:
 
 
 def _recipes(paths: list[Path], sets: list[str] | None, check_paths: bool = True):
-    from ftkit.recipe import load_recipes
+    from ftkit.recipe.load import load_recipes
 
     return load_recipes(paths, sets or [], check_paths=check_paths)
 
@@ -88,11 +88,12 @@ def train(
     """Train: LoRA, DoRA, soft prompt or full fine-tuning, as the recipe says."""
     try:
         stages = _recipes(recipes, set_)
-        from ftkit.tracking import require
+        from ftkit.train.tracking import require
 
         require(stages)  # a tracker in log.report_to that is not installed: said before any data or model is read
         if dry_run:
-            from ftkit.loop import prepare, stage_dirs
+            from ftkit.train.prepare import prepare
+            from ftkit.train.stages import stage_dirs
 
             plans = []
             for recipe, run_dir in zip(stages, stage_dirs(stages)):
@@ -105,12 +106,12 @@ def train(
             else:
                 _print_plans(plans)
             return
-        from ftkit.loop import run_stages
+        from ftkit.train.stages import run_stages
 
         results = run_stages(stages, backend, resume=resume, quiet=as_json, stop_after=stop_after)
     except FtkitError as e:
         _fail(e, as_json)
-    from ftkit.distributed import current
+    from ftkit.common.distributed import current
 
     if not current().is_main:
         return  # the first process reports for the run
@@ -120,7 +121,7 @@ def train(
                "first_valid_loss": results[0].first_valid_loss, "last_valid_loss": last.last_valid_loss,
                "last_train_loss": last.last_train_loss, "steps": last.steps, "stages": [r.as_dict() for r in results]})
         return
-    from ftkit.progress import console
+    from ftkit.common.console import console
 
     for r in results:
         first = f"{r.first_valid_loss:.4f}" if r.first_valid_loss is not None else "-"
@@ -154,7 +155,7 @@ def launch(
     import shlex
     import subprocess
 
-    from ftkit.distributed import launch_command
+    from ftkit.common.distributed import launch_command
 
     if backend not in ("torch", "auto"):
         _fail(FtkitError(f"--backend {backend}: ftkit launch runs the torch backend; MLX trains in one process (ftkit train)."), False)
@@ -180,7 +181,7 @@ def launch(
     if print_command:
         sys.stdout.write(line + "\n")
         return
-    from ftkit.progress import console
+    from ftkit.common.console import console
 
     console().print(f"[dim]{line}[/]")
     raise typer.Exit(subprocess.call(cmd))
@@ -189,7 +190,7 @@ def launch(
 def _print_plans(plans: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
-    from ftkit.progress import console
+    from ftkit.common.console import console
 
     for p in plans:
         t = Table(title=f"{p['stage']}  ->  {p['run_dir']}", show_header=False)
@@ -211,7 +212,7 @@ def eval_(
     as_json: JsonOpt = False,
 ) -> None:
     """Loss, perplexity and the recipe's \\[eval] task metrics (accuracy, macro-F1, exact match ...), base vs adapter."""
-    from ftkit.evaluation import evaluate_recipe
+    from ftkit.evaluate.evaluation import evaluate_recipe
 
     try:
         if split not in (None, "test", "valid", "train"):
@@ -223,7 +224,7 @@ def eval_(
     if as_json:
         _emit(result)
         return
-    from ftkit.progress import console
+    from ftkit.common.console import console
 
     if result.get("before") is None and not result["tasks"]:
         console().print(f"{result['split']}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.3f} "
@@ -235,8 +236,8 @@ def eval_(
 def _print_eval(result: dict[str, Any]) -> None:
     from rich.table import Table
 
-    from ftkit.evaluation import comparison_rows
-    from ftkit.progress import console
+    from ftkit.common.console import console
+    from ftkit.evaluate.evaluation import comparison_rows
 
     def cell(v: Any) -> str:
         if v is None:
@@ -289,10 +290,16 @@ def generate(
     as_json: JsonOpt = False,
 ) -> None:
     """Generate from a base model, optionally with an adapter: sampling options, prompt formats, word loom prompts, streaming."""
-    from ftkit import chat_formats
-    from ftkit import loom as looms
-    from ftkit.evaluation import open_model
-    from ftkit.generate import Sampling, band_style, complete, legend, prompt_ids
+    from ftkit.data import chat_formats
+    from ftkit.data import loom as looms
+    from ftkit.evaluate.generate import (
+        Sampling,
+        band_style,
+        complete,
+        legend,
+        prompt_ids,
+    )
+    from ftkit.evaluate.inference import open_model
 
     try:
         fmt = "auto" if chat and format_ == "none" else format_
@@ -313,12 +320,12 @@ def generate(
         stops = list(stop or []) + chat_formats.stop_strings(fmt, tok)
         missing = chat_formats.missing_tokens(fmt, tok)
         if missing and not as_json:
-            from ftkit.progress import console
+            from ftkit.common.console import console
 
             console().print(f"[yellow]note:[/] this tokenizer has no {', '.join(missing)} token: the {fmt} format writes "
                             "them as ordinary text (fine if the adapter was trained so; else the model has not seen them).", highlight=False)
         if colorize and not as_json:
-            from ftkit.progress import console
+            from ftkit.common.console import console
 
             console().print(legend())
         out_console = None
@@ -353,8 +360,8 @@ def generate(
 @app.command()
 def info(as_json: JsonOpt = False) -> None:
     """The detected hardware, the installed backends, and which one `auto` picks and why."""
-    from ftkit.hardware import detect, render
-    from ftkit.progress import console
+    from ftkit.backend.hardware import detect, render
+    from ftkit.common.console import console
 
     data = detect()
     if as_json:
@@ -374,9 +381,9 @@ def convert(
     as_json: JsonOpt = False,
 ) -> None:
     """Turn a GGUF (or llama2.c) model into a Hugging Face folder both backends load, or quantize a model folder for MLX; cached."""
-    from ftkit.convert import convert as do_convert
-    from ftkit.convert import quantize_mlx
-    from ftkit.progress import console
+    from ftkit.common.console import console
+    from ftkit.models.convert import convert as do_convert
+    from ftkit.ops.quantize import quantize_mlx
 
     try:
         note = None if as_json else console().print
@@ -407,7 +414,7 @@ def fuse(
     as_json: JsonOpt = False,
 ) -> None:
     """Merge a LoRA/DoRA adapter into its base and write a plain Hugging Face model folder."""
-    from ftkit.fuse import fuse as do_fuse
+    from ftkit.ops.fuse import fuse as do_fuse
 
     try:
         result = do_fuse(adapter, out, model=model, backend_name=backend, dequantize=dequantize, force=force)
@@ -416,7 +423,7 @@ def fuse(
     if as_json:
         _emit(result)
     else:
-        from ftkit.progress import console
+        from ftkit.common.console import console
 
         console().print(f"fused ({result['backend']}): {result['model']}")
 
@@ -428,12 +435,13 @@ def data_summary(
     as_json: JsonOpt = False,
 ) -> None:
     """Examples per split, token-length percentiles, and how many would be truncated."""
-    from ftkit.data import load_splits, summarize
-    from ftkit.loop import load_tokenizer
+    from ftkit.data.stats import summarize
+    from ftkit.data.token_cache import load_splits
+    from ftkit.models.tokenizer import load_tokenizer
 
     try:
         (r,) = _recipes([recipe], set_)
-        from ftkit.convert import resolve_model
+        from ftkit.models.resolve import resolve_model
 
         tok = load_tokenizer(resolve_model(r.model.path, r.model.revision), r.model.trust_remote_code)
         splits = load_splits(r.data, tok)
@@ -446,7 +454,7 @@ def data_summary(
         return
     from rich.table import Table
 
-    from ftkit.progress import console
+    from ftkit.common.console import console
 
     t = Table(title=f"{r.data.path}  ({splits.format}, loss on {splits.train_on}, max_seq_length {r.data.max_seq_length})")
     order = ["count", "truncated", "dropped", "p50", "p90", "p99", "max", "tokens", "target_tokens"]
@@ -464,7 +472,7 @@ def data_summary(
 @recipe_app.command("defaults")
 def recipe_defaults(as_json: JsonOpt = False) -> None:
     """Every recipe key with its default and meaning."""
-    from ftkit.recipe import defaults_table
+    from ftkit.recipe.load import defaults_table
 
     rows = defaults_table()
     if as_json:
@@ -472,7 +480,7 @@ def recipe_defaults(as_json: JsonOpt = False) -> None:
         return
     from rich.table import Table
 
-    from ftkit.progress import console
+    from ftkit.common.console import console
 
     t = Table("key", "default", "meaning")
     for row in rows:
@@ -510,8 +518,8 @@ def sweep(
     as_json: JsonOpt = False,
 ) -> None:
     """Run a base recipe over a search space (grid, random, paired values), one run folder per trial, and rank the trials."""
-    from ftkit import sweep as sweeps
-    from ftkit.progress import console
+    from ftkit.common.console import console
+    from ftkit.ops import sweep as sweeps
 
     try:
         spec = sweeps.load_sweep(sweep_file, {"parallel": parallel, "output_dir": str(out.resolve()) if out else None, "backend": backend},
@@ -519,7 +527,7 @@ def sweep(
         if wandb_agent:
             import importlib.util
 
-            from ftkit.tracking import PACKAGES
+            from ftkit.train.tracking import PACKAGES
 
             if importlib.util.find_spec("wandb") is None:
                 raise FtkitError(f"--wandb-agent needs the wandb package: {PACKAGES['wandb'][1]}")
@@ -551,7 +559,7 @@ def export(
     as_json: JsonOpt = False,
 ) -> None:
     """Write an adapter as a GGUF LoRA (llama.cpp --lora, Ollama ADAPTER), or with --merged the fused model as GGUF."""
-    from ftkit import export_gguf
+    from ftkit.ops import export_gguf
 
     try:
         if format != "gguf":
@@ -565,7 +573,7 @@ def export(
     if as_json:
         _emit(result)
         return
-    from ftkit.progress import console
+    from ftkit.common.console import console
 
     what = "fused model" if merged else f"LoRA, {result['modules']} modules, rank {result['rank']}, alpha {result['alpha']:g}"
     console().print(f"wrote {result['gguf']} ({result['bytes'] / 2**20:.2f} MiB, {result['outtype']}, {what})")
@@ -580,7 +588,7 @@ def report(
     as_json: JsonOpt = False,
 ) -> None:
     """Write one self-contained HTML page about a run: loss curves, learning rate, eval metrics, recipe, hardware, timings."""
-    from ftkit.report import write
+    from ftkit.ops.report import write
 
     try:
         page = write(run_dir, out)
@@ -589,7 +597,7 @@ def report(
     if as_json:
         _emit({"report": str(page), "bytes": page.stat().st_size})
     else:
-        from ftkit.progress import console
+        from ftkit.common.console import console
 
         console().print(f"report: {page}  (open it in a browser; it loads nothing from the network)")
 
@@ -605,7 +613,7 @@ def push(
     as_json: JsonOpt = False,
 ) -> None:
     """Upload an adapter (or a fused model) to the Hugging Face hub with a generated model card. The token: HF_TOKEN or `hf auth login`."""
-    from ftkit.hub import push as do_push
+    from ftkit.ops.publish import push as do_push
 
     try:
         result = do_push(src, repo, private=private, base_model=base_model, message=message, revision=revision)
@@ -614,7 +622,7 @@ def push(
     if as_json:
         _emit(result)
     else:
-        from ftkit.progress import console
+        from ftkit.common.console import console
 
         console().print(f"pushed {len(result['files'])} files to {repo}{' (private)' if private else ''}: {result['url']}")
         if not result["base_model"]:

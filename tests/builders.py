@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# The core and both backends' folders, for subprocesses started with a clean environment.
+PYTHONPATH = os.pathsep.join(str(p) for p in (REPO, REPO / "backends" / "torch", REPO / "backends" / "mlx"))
 WIKISQL = REPO / "data" / "wikisql"
 SHARED = REPO.parent / "shared"
 # A real pretrained 260K-parameter Llama (llama2.c format, MIT), copied with its PROVENANCE.md.
@@ -102,7 +105,7 @@ def train_hiding(recipe: Path, backend: str, hidden: list[str]) -> dict:
         f"import sys; sys.modules.update(dict.fromkeys({hidden!r}))\n"
         f"from ftkit.cli import main; sys.argv = ['ftkit', 'train', sys.argv[1], '--backend', {backend!r}, '--json']; main()\n"
     )
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'backends'}"}
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH}
     out = subprocess.run([sys.executable, "-c", code, str(recipe)], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])

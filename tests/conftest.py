@@ -4,7 +4,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from builders import WIKISQL, build_tiny_llama, build_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,7 +40,7 @@ def stories_model_dir(tmp_path_factory) -> Path:
     pytest.importorskip("torch")
     from builders import STORIES
 
-    from ftkit.convert import convert
+    from ftkit.models.convert import convert
 
     src = STORIES / "stories260K.bin"
     if not src.exists():

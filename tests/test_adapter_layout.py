@@ -7,10 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from ftkit import adapter_layout, init, targets
-from ftkit.errors import AdapterMismatchError, FtkitError
-from ftkit.recipe import MethodSection
-from ftkit.tensors import read_safetensors, write_safetensors
+from ftkit.adapters import init, targets
+from ftkit.adapters import layout as adapter_layout
+from ftkit.adapters.resolve import import_mlx_lm
+from ftkit.common.errors import AdapterMismatchError, FtkitError
+from ftkit.common.tensors import read_safetensors, write_safetensors
+from ftkit.recipe.schema import MethodSection
 
 PATHS = [f"model.layers.{i}.{m}" for i in range(3) for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")] + ["lm_head"]
 
@@ -80,7 +82,7 @@ def test_mlx_lm_folder_is_imported_with_alpha_from_scale(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(
         {"fine_tune_type": "lora", "num_layers": 1, "lora_parameters": {"rank": 8, "scale": 20.0, "dropout": 0.05}, "model": "m"}))
     out = tmp_path / "peft"
-    adapter_layout.import_mlx_lm(tmp_path, out)
+    import_mlx_lm(tmp_path, out)
     config, back = adapter_layout.read_adapter(out)
     assert (config["r"], config["lora_alpha"], config["lora_dropout"], config["base_model_name_or_path"]) == (8, 160.0, 0.05, "m")
     assert back.scale == pytest.approx(20.0)
@@ -90,7 +92,7 @@ def test_foreign_folders_that_cannot_be_read_say_why(tmp_path):
     (tmp_path / "adapters.safetensors").write_bytes(b"")
     (tmp_path / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "full"}))
     with pytest.raises(AdapterMismatchError, match="'full' fine-tune, not an adapter"):
-        adapter_layout.import_mlx_lm(tmp_path, tmp_path / "out")
+        import_mlx_lm(tmp_path, tmp_path / "out")
     peft = tmp_path / "p"
     peft.mkdir()
     (peft / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "rank_pattern": {"q_proj": 4}}))

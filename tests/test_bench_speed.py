@@ -21,7 +21,13 @@ BENCH = REPO / "bench"
 sys.path.insert(0, str(BENCH))
 
 from harness import datasets, process  # noqa: E402
-from harness.settings import PROFILES, Settings, baseline_config, ftkit_recipe, ftkit_sets  # noqa: E402
+from harness.settings import (  # noqa: E402
+    PROFILES,
+    Settings,
+    baseline_config,
+    ftkit_recipe,
+    ftkit_sets,
+)
 
 HAS_MLX = all(importlib.util.find_spec(m) is not None for m in ("mlx", "mlx_lm"))
 METRICS = ("tokens_per_s", "train_s", "wall_s", "peak_rss_mib", "final_loss")
@@ -68,7 +74,7 @@ def test_smoke_run_gives_a_full_table(tmp_path, tiny_model_dir):
 
 
 def test_ftkit_recipe_is_what_the_settings_say(tmp_path):
-    from ftkit.recipe import load_recipes
+    from ftkit.recipe.load import load_recipes
 
     model, data = tmp_path / "model", tmp_path / "data"
     model.mkdir()
@@ -99,9 +105,9 @@ def test_trainer_baseline_trains_on_the_tokens_ftkit_trains_on(tokenizer_dir):
     pytest.importorskip("peft")
     from baseline_trainer import tokenize
 
-    from ftkit.data import encode
-    from ftkit.loop import load_tokenizer
-    from ftkit.recipe import DataSection
+    from ftkit.data.encode import encode
+    from ftkit.models.tokenizer import load_tokenizer
+    from ftkit.recipe.schema import DataSection
 
     tok = load_tokenizer(tokenizer_dir)
     cases = [("chat", json.loads(line)) for line in (datasets.CHAT / "train.jsonl").read_text().splitlines()[:20]]
@@ -131,8 +137,8 @@ def test_mlx_lm_arguments_come_from_the_same_settings(tmp_path):
     assert mlx_args({**cfg, "format": "text"}, tmp_path / "d", tmp_path / "a").mask_prompt is False
     import mlx.optimizers as optim
 
-    from ftkit.recipe import TrainSection
-    from ftkit.schedule import lr_at, make_schedule
+    from ftkit.recipe.schema import TrainSection
+    from ftkit.train.schedule import lr_at, make_schedule
 
     sched = optim.cosine_decay(*a.lr_schedule["arguments"])
     train = TrainSection(iters=5, lr=3e-4, scheduler="cosine", warmup=0)

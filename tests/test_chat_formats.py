@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from builders import CHATML_TEMPLATE
 from typer.testing import CliRunner
 
-from builders import CHATML_TEMPLATE
-from ftkit import chat_formats
-from ftkit.data import chat_prompt_ids, encode
-from ftkit.recipe import DataSection, build_recipe
+from ftkit.data import chat_formats
+from ftkit.data.encode import chat_prompt_ids, encode
+from ftkit.recipe.load import build_recipe
+from ftkit.recipe.schema import DataSection
 
 # The reference chat templates, as the models' tokenizer_config.json files ship them.
 LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
@@ -149,7 +150,7 @@ def test_completion_rows_as_chat_and_the_system_prompt(tok):
 
 
 def test_format_errors_name_the_problem(tok):
-    from ftkit.errors import DataError, FtkitError
+    from ftkit.common.errors import DataError, FtkitError
 
     with pytest.raises(FtkitError, match="unknown prompt format"):
         chat_formats.get("vicuna")

@@ -1,12 +1,13 @@
 import json
 
-from ftkit import checkpoint as ckpt
+from ftkit.common.atomic import atomic_dir, write_json_atomic
+from ftkit.train import checkpoint as ckpt
 
 
 def make_complete(run, step):
-    with ckpt.atomic_dir(ckpt.checkpoint_dir(run, step)) as tmp:
+    with atomic_dir(ckpt.checkpoint_dir(run, step)) as tmp:
         (tmp / "adapter").mkdir()
-        ckpt.write_json_atomic(tmp / ckpt.STATE_FILE, {"step": step})
+        write_json_atomic(tmp / ckpt.STATE_FILE, {"step": step})
 
 
 def test_latest_complete_checkpoint_ignores_partial_writes(tmp_path):
@@ -26,17 +27,17 @@ def test_latest_complete_checkpoint_ignores_partial_writes(tmp_path):
 
 def test_atomic_dir_failure_keeps_the_old_folder(tmp_path):
     dest = tmp_path / "adapter"
-    with ckpt.atomic_dir(dest) as tmp:
+    with atomic_dir(dest) as tmp:
         (tmp / "v").write_text("1")
     try:
-        with ckpt.atomic_dir(dest) as tmp:
+        with atomic_dir(dest) as tmp:
             (tmp / "v").write_text("2")
             raise RuntimeError("killed mid-write")
     except RuntimeError:
         pass
     assert (dest / "v").read_text() == "1"
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
-    with ckpt.atomic_dir(dest) as tmp:
+    with atomic_dir(dest) as tmp:
         (tmp / "v").write_text("3")
     assert (dest / "v").read_text() == "3"
 

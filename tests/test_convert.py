@@ -14,10 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from builders import STORIES
-from ftkit import convert as conv
-from ftkit.errors import FtkitError
+
+from ftkit.common.errors import FtkitError
+from ftkit.models import convert as conv
+from ftkit.models.gguf import _set_rope_theta
+from ftkit.models.llama2c import _convert_llama2c, _interleaved_to_halves
+from ftkit.models.resolve import resolve_model
 
 torch = pytest.importorskip("torch")
 
@@ -42,7 +45,7 @@ def stories_copy(tmp_path) -> Path:
 def counted(monkeypatch):
     """Counts real llama2.c conversions."""
     calls = []
-    real = conv._convert_llama2c
+    real = _convert_llama2c
 
     def wrapper(*args, **kwargs):
         calls.append(args[0])
@@ -102,7 +105,7 @@ def test_interleaved_to_halves_is_hf_permute():
     # convert_llama_weights_to_hf.py's permute, in torch, against ours in numpy.
     w = torch.arange(2 * 8 * 3, dtype=torch.float32).reshape(16, 3)
     hf = w.view(2, 16 // 2 // 2, 2, 3).transpose(1, 2).reshape(16, 3)
-    assert torch.equal(torch.from_numpy(conv._interleaved_to_halves(w.numpy(), 2)), hf)
+    assert torch.equal(torch.from_numpy(_interleaved_to_halves(w.numpy(), 2)), hf)
     # Row 2i of a head becomes row i, row 2i+1 becomes row i + head/2.
     assert hf[:, 0].tolist()[:8] == [0, 6, 12, 18, 3, 9, 15, 21]
 
@@ -212,7 +215,7 @@ def test_not_a_model_file(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("hello")
     with pytest.raises(FtkitError):
-        conv.resolve_model(str(text))
+        resolve_model(str(text))
     with pytest.raises(FtkitError, match="dtype"):
         conv.convert(junk, tmp_path / "out", dtype="int3")
 
@@ -221,15 +224,15 @@ def test_not_a_model_file(tmp_path):
 
 
 def test_resolve_model_local_folder_is_itself(tmp_path):
-    assert conv.resolve_model(str(tmp_path)) == tmp_path
+    assert resolve_model(str(tmp_path)) == tmp_path
 
 
 @needs_stories
 def test_resolve_model_converts_a_bin_once(tmp_path, monkeypatch, counted):
     monkeypatch.setenv("FTKIT_CACHE", str(tmp_path / "cache"))
-    folder = conv.resolve_model(str(STORIES / "stories260K.bin"))
+    folder = resolve_model(str(STORIES / "stories260K.bin"))
     assert (folder / conv.MARKER).exists() and folder.is_relative_to(tmp_path / "cache")
-    assert conv.resolve_model(str(STORIES / "stories260K.bin")) == folder
+    assert resolve_model(str(STORIES / "stories260K.bin")) == folder
     assert len(counted) == 1
 
 
@@ -245,7 +248,7 @@ def test_resolve_model_hub_id(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
-    assert conv.resolve_model("HuggingFaceTB/SmolLM2-135M", "main") == tmp_path
+    assert resolve_model("HuggingFaceTB/SmolLM2-135M", "main") == tmp_path
     assert seen["repo_id"] == "HuggingFaceTB/SmolLM2-135M" and seen["revision"] == "main"
     assert "*.safetensors" in seen["allow_patterns"] and "*.json" in seen["allow_patterns"]
 
@@ -254,9 +257,9 @@ def test_resolve_model_hub_id(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(FtkitError, match="hub"):
-        conv.resolve_model("no-such-org/no-such-model")
+        resolve_model("no-such-org/no-such-model")
     with pytest.raises(FtkitError, match="no such file"):
-        conv.resolve_model("not/a/hub/id")
+        resolve_model("not/a/hub/id")
 
 
 # --- GGUF: one written here, under llama.cpp's names and layout ---
@@ -378,7 +381,7 @@ def test_gguf_conversion_matches_the_source_model(tmp_path, monkeypatch, tied, f
 
     if gguf_path.suffix == ".gguf":  # a folder holding just a .gguf resolves to its conversion
         monkeypatch.setenv("FTKIT_CACHE", str(tmp_path / "cache"))
-        folder = conv.resolve_model(str(gguf_path.parent))
+        folder = resolve_model(str(gguf_path.parent))
         assert folder.parent == tmp_path / "cache" / "converted"
         assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
 
@@ -392,12 +395,12 @@ def test_gguf_conversion_matches_the_source_model(tmp_path, monkeypatch, tied, f
 
 def test_set_rope_theta_restores_a_lost_base():
     cfg = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
-    fixes = conv._set_rope_theta(cfg, 100000.0)
+    fixes = _set_rope_theta(cfg, 100000.0)
     assert cfg == {"rope_theta": 100000.0, "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0}}
     assert len(fixes) == 2
-    assert conv._set_rope_theta(cfg, 100000.0) == []
+    assert _set_rope_theta(cfg, 100000.0) == []
     per_layer = {"rope_parameters": {"full_attention": {"rope_theta": 1e6}, "sliding_attention": {"rope_theta": 1e4}}}
-    conv._set_rope_theta(per_layer, 1e6)
+    _set_rope_theta(per_layer, 1e6)
     assert per_layer["rope_parameters"]["sliding_attention"]["rope_theta"] == 1e4
 
 

@@ -19,13 +19,16 @@ pytest.importorskip("mlx_lm")
 
 from builders import recipe_file  # noqa: E402
 
-from ftkit.backend import get_backend  # noqa: E402
-from ftkit.errors import AdapterMismatchError  # noqa: E402
-from ftkit.evaluation import evaluate_recipe, load_for_inference  # noqa: E402
-from ftkit.fuse import fuse  # noqa: E402
-from ftkit.loop import Trainer, load_tokenizer, prepare  # noqa: E402
-from ftkit.recipe import build_recipe, load_recipes  # noqa: E402
-from ftkit.tensors import read_safetensors  # noqa: E402
+from ftkit.backend.registry import get_backend
+from ftkit.common.errors import AdapterMismatchError
+from ftkit.common.tensors import read_safetensors
+from ftkit.evaluate.evaluation import evaluate_recipe
+from ftkit.evaluate.inference import load_for_inference
+from ftkit.models.tokenizer import load_tokenizer
+from ftkit.ops.fuse import fuse
+from ftkit.recipe.load import build_recipe, load_recipes
+from ftkit.train.loop import Trainer
+from ftkit.train.prepare import prepare
 
 METHODS = ["lora", "dora", "prompt"]
 PROMPT = "table: 1-10015132-11\ncolumns: Player, No., Nationality\nQ: Which player wore number 4?\nA: SELECT"
@@ -155,14 +158,14 @@ def test_fused_models_from_either_backend_are_the_same(trained, tmp_path, kind):
 
 
 def test_soft_prompt_cannot_be_fused(trained, tmp_path):
-    from ftkit.errors import FtkitError
+    from ftkit.common.errors import FtkitError
 
     with pytest.raises(FtkitError, match="soft prompt cannot be merged"):
         fuse(trained["prompt", "mlx"][0].adapter, tmp_path / "f", model=None, backend_name="mlx", dequantize=False, force=False)
 
 
 def test_generation_is_the_same_on_both_backends(trained, tiny_model_dir):
-    from ftkit.generate import Sampling, generate
+    from ftkit.evaluate.generate import Sampling, generate
 
     tok = load_tokenizer(tiny_model_dir)
     recipe = build_recipe({"model": {"path": str(tiny_model_dir)}, "data": {"path": "-"}}, "t", check_paths=False)

@@ -8,11 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from builders import SHARED
-from ftkit.data import Example, Splits, detect_format, encode, load_splits, make_batch, read_rows, summarize
-from ftkit.errors import DataError
-from ftkit.recipe import DataSection
+
+from ftkit.common.errors import DataError
+from ftkit.data.batch import Example, Splits, make_batch
+from ftkit.data.encode import encode
+from ftkit.data.mapping import read_rows
+from ftkit.data.rows import detect_format
+from ftkit.data.stats import summarize
+from ftkit.data.token_cache import load_splits
+from ftkit.recipe.schema import DataSection
 
 CONV = [
     {"role": "system", "content": "You write SQL."},

@@ -19,12 +19,13 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
+from builders import PYTHONPATH, recipe_file  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
-from builders import REPO, recipe_file  # noqa: E402
-from ftkit.distributed import World, launch_command  # noqa: E402
-from ftkit.loop import Trainer, prepare  # noqa: E402
-from ftkit.recipe import load_recipes  # noqa: E402
+from ftkit.common.distributed import World, launch_command
+from ftkit.recipe.load import load_recipes
+from ftkit.train.loop import Trainer
+from ftkit.train.prepare import prepare
 
 # Per process: micro-batches of 2, one per step; one process: 2 micro-batches of 2 per step. Same
 # 4 examples per step, same order, same padding; constant LR so that a run stopped and resumed
@@ -42,7 +43,7 @@ def free_port() -> int:
 def launch(recipe: Path, *args: str, timeout: int = 240) -> str:
     """`ftkit launch RECIPE ARGS` to completion; what it printed (stdout and stderr)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "200",
-           "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'backends'}"}
+           "PYTHONPATH": PYTHONPATH}
     cmd = [sys.executable, "-m", "ftkit.cli", "launch", str(recipe), "--main-port", str(free_port()), *args]
     out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=timeout)
     assert out.returncode == 0, out.stdout[-4000:]
@@ -162,7 +163,7 @@ def test_each_process_gets_its_share_of_the_step():
 def test_a_checkpoint_is_resumed_only_by_as_many_processes(tmp_path, tiny_model_dir, small_data):
     import json
 
-    from ftkit.errors import FtkitError
+    from ftkit.common.errors import FtkitError
 
     recipe = recipe_file(tmp_path, tiny_model_dir, small_data, train=TRAIN)
     (r,) = load_recipes([recipe])

@@ -12,17 +12,21 @@ import sys
 
 import numpy as np
 import pytest
-
-from builders import REPO
+from builders import PYTHONPATH
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("gguf")
 peft = pytest.importorskip("peft")
 
-from ftkit.convert import convert  # noqa: E402
-from ftkit.errors import FtkitError  # noqa: E402
-from ftkit.export_gguf import export_lora, export_merged, read_gguf, to_gguf_rope_order  # noqa: E402
-from ftkit.tensors import read_safetensors  # noqa: E402
+from ftkit.common.errors import FtkitError
+from ftkit.common.tensors import read_safetensors
+from ftkit.models.convert import convert
+from ftkit.ops.export_gguf import (
+    export_lora,
+    export_merged,
+    read_gguf,
+    to_gguf_rope_order,
+)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -132,7 +136,7 @@ def test_dora_and_missing_base_are_refused(tmp_path, tiny_model_dir):
 def test_cli_export(tmp_path, tiny_model_dir):
     adapter, _ = peft_adapter(tiny_model_dir, tmp_path / "adapter")
     cmd = [sys.executable, "-m", "ftkit.cli", "export", str(adapter), "--format", "gguf", "--json"]
-    env = {"PYTHONPATH": f"{REPO}{__import__('os').pathsep}{REPO / 'backends'}", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    env = {"PYTHONPATH": PYTHONPATH, "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout)

@@ -9,9 +9,20 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from ftkit.errors import FtkitError
-from ftkit.generate import (BANDS, Sampling, TextStream, band_style, complete, distribution, legend, penalize, pick,
-                            probability, steps)
+from ftkit.common.errors import FtkitError
+from ftkit.evaluate.generate import (
+    BANDS,
+    Sampling,
+    TextStream,
+    band_style,
+    complete,
+    distribution,
+    legend,
+    penalize,
+    pick,
+    probability,
+    steps,
+)
 
 LOGITS = np.log(np.array([0.50, 0.25, 0.15, 0.07, 0.03]))
 
@@ -172,7 +183,7 @@ def test_bad_sampling_values_are_errors():
 def test_seeded_sampling_is_deterministic_on_each_backend(backend, tiny_model_dir):
     if backend == "mlx":
         pytest.importorskip("mlx")
-    from ftkit.evaluation import open_model
+    from ftkit.evaluate.inference import open_model
 
     be, tok, _ = open_model(str(tiny_model_dir), backend, None)
     ids = list(tok("table: 1-10015132-11\nQ:", add_special_tokens=True)["input_ids"])

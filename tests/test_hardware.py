@@ -6,8 +6,8 @@ import platform
 import pytest
 from rich.console import Console
 
-from ftkit import hardware
-from ftkit.errors import BackendUnavailable
+from ftkit.backend import hardware
+from ftkit.common.errors import BackendUnavailable
 
 torch_installed = pytest.mark.skipif(not hardware._version("torch"), reason="torch is not installed")
 
@@ -54,10 +54,10 @@ def test_auto_picks_torch_on_linux(info):
 
 
 def test_auto_picks_mlx_on_apple_silicon(monkeypatch):
-    import ftkit.backend
+    import ftkit.backend.registry
 
     # as if mlx and ftkit's MLX backend were installed, whatever this machine has
-    monkeypatch.setattr(ftkit.backend, "installed", lambda name: True)
+    monkeypatch.setattr(ftkit.backend.registry, "installed", lambda name: True)
     monkeypatch.setattr(platform, "system", lambda: "Darwin")
     monkeypatch.setattr(platform, "machine", lambda: "arm64")
     info = hardware.detect()  # sysctl may be missing here: detection must still complete

@@ -8,8 +8,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from ftkit import loom
-from ftkit.errors import FtkitError
+from ftkit.common.errors import FtkitError
+from ftkit.data import loom
 
 LOOM = '''
 lang = "en"
@@ -131,7 +131,7 @@ def test_generate_with_a_loom_builds_the_prompt_it_says(loom_file, tiny_model_di
     from transformers import AutoTokenizer
 
     from ftkit.cli import app
-    from ftkit.data import chat_prompt_ids
+    from ftkit.data.encode import chat_prompt_ids
 
     runner = CliRunner()
     args = ["generate", "--model", str(tiny_model_dir), "--loom", str(loom_file), "--marker", "claim=IV hit a deer",
@@ -147,8 +147,8 @@ def test_generate_with_a_loom_builds_the_prompt_it_says(loom_file, tiny_model_di
 
 
 def test_training_rows_take_their_prompt_from_the_loom(loom_file, tmp_path, tokenizer):
-    from ftkit.data import load_splits
-    from ftkit.recipe import build_recipe
+    from ftkit.data.token_cache import load_splits
+    from ftkit.recipe.load import build_recipe
 
     rows = [{"note": f"claim {i}", "code": "AD" if i % 2 else "GB"} for i in range(10)]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -8,10 +8,12 @@ import json
 
 import pytest
 
-from ftkit import mapping
-from ftkit.data import load_splits, read_rows
-from ftkit.errors import DataError, RecipeError
-from ftkit.recipe import build_recipe, load_recipes
+from ftkit.common.errors import DataError, RecipeError
+from ftkit.data import mapping
+from ftkit.data.mapping import read_rows
+from ftkit.data.token_cache import load_splits
+from ftkit.recipe.load import build_recipe, load_recipes
+from ftkit.recipe.tasks import task_settings, tasks_of
 
 
 def section(path, **kw):
@@ -172,5 +174,5 @@ def test_nested_keys_round_trip_through_the_resolved_recipe(tmp_path):
     again.write_text(r.to_toml())
     (back,) = load_recipes([again], check_paths=False)
     assert back.data.mix == r.data.mix and back.eval.tasks == r.eval.tasks and back.data.columns == r.data.columns
-    assert [t.kind for t in mapping.tasks_of(back)] == ["classification", "multiple_choice", "generation"]
-    assert mapping.task_settings(back, "wikisql").normalize == "sql" and mapping.task_settings(back, "commonsense_qa").max_examples == 200
+    assert [t.kind for t in tasks_of(back)] == ["classification", "multiple_choice", "generation"]
+    assert task_settings(back, "wikisql").normalize == "sql" and task_settings(back, "commonsense_qa").max_examples == 200

@@ -14,10 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ftkit import batching
-from ftkit.data import Example, make_batch
-from ftkit.distributed import World
-from ftkit.packing import pack_rows, packed_batch, packed_micro_batches, segment_ids
+from ftkit.common.distributed import World
+from ftkit.data import batching
+from ftkit.data.batch import Example, make_batch
+from ftkit.data.packing import (
+    pack_rows,
+    packed_batch,
+    packed_micro_batches,
+    segment_ids,
+)
 
 
 def examples(lengths: list[int], seed: int = 0, completion: bool = True) -> list[Example]:
@@ -108,11 +113,11 @@ def test_length_grouping_keeps_every_example_once_per_epoch_and_groups_lengths()
 
 def chat_examples(tokenizer_dir: Path, n: int) -> list[Example]:
     """Real chat rows (WikiSQL questions as user turns), loss on the assistant turns only."""
+    from builders import WIKISQL
     from transformers import AutoTokenizer
 
-    from builders import WIKISQL
-    from ftkit.data import encode
-    from ftkit.recipe import DataSection
+    from ftkit.data.encode import encode
+    from ftkit.recipe.schema import DataSection
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     data = DataSection(path="-")
@@ -128,7 +133,7 @@ def chat_examples(tokenizer_dir: Path, n: int) -> list[Example]:
 
 def torch_grads(model_dir: Path, batches, scale: float, logits_at: str = "targets", chunk_elements: int | None = None
                 ) -> tuple[float, dict[str, np.ndarray]]:
-    from ftkit.backend import get_backend
+    from ftkit.backend.registry import get_backend
 
     be = get_backend("torch")
     be.load(tiny_recipe(model_dir), model_dir, adapter=None, train=True)
@@ -152,7 +157,7 @@ def torch_grads(model_dir: Path, batches, scale: float, logits_at: str = "target
 def mlx_grads(model_dir: Path, batches, scale: float, head_at_targets: bool = True) -> tuple[float, dict[str, np.ndarray]]:
     from mlx.utils import tree_flatten
 
-    from ftkit.backend import get_backend
+    from ftkit.backend.registry import get_backend
 
     be = get_backend("mlx")
     be.load(tiny_recipe(model_dir), model_dir, adapter=None, train=True)
@@ -165,7 +170,7 @@ def mlx_grads(model_dir: Path, batches, scale: float, head_at_targets: bool = Tr
 
 
 def tiny_recipe(model_dir: Path):
-    from ftkit.recipe import build_recipe
+    from ftkit.recipe.load import build_recipe
 
     return build_recipe({"model": {"path": str(model_dir)}, "data": {"path": "-"},
                          "method": {"kind": "lora", "rank": 4, "alpha": 8, "dropout": 0.0},
@@ -219,11 +224,12 @@ def test_mlx_output_head_only_at_target_positions_gives_the_same_loss_and_gradie
 
 def test_training_packed_or_padded_ends_with_the_same_adapter(tmp_path, tiny_model_dir, small_data):
     pytest.importorskip("torch")
+    from builders import recipe_file
     from safetensors.numpy import load_file
 
-    from builders import recipe_file
-    from ftkit.loop import Trainer, prepare
-    from ftkit.recipe import load_recipes
+    from ftkit.recipe.load import load_recipes
+    from ftkit.train.loop import Trainer
+    from ftkit.train.prepare import prepare
 
     out = {}
     for packing in ("on", "off"):

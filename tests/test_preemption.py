@@ -22,9 +22,8 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from safetensors.numpy import load_file  # noqa: E402
-
 from builders import recipe_file  # noqa: E402
+from safetensors.numpy import load_file  # noqa: E402
 
 ITERS = 120  # ~50 ms a step on a 2-core CPU: the run is still going seconds after the kill point
 SAVE_EVERY = 4
@@ -136,8 +135,8 @@ def test_a_run_killed_before_its_first_checkpoint_starts_with_a_clean_log(tmp_pa
     run.mkdir()
     (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "kind": "train", "loss": 9.0}) + "\n"
                                                for s in (1, 2, 3)))
-    from ftkit.loop import run_stages
-    from ftkit.recipe import load_recipes
+    from ftkit.recipe.load import load_recipes
+    from ftkit.train.stages import run_stages
 
     (result,) = run_stages(load_recipes([p]), "torch", resume="auto", quiet=True)
     assert result.steps == 4

@@ -5,8 +5,9 @@ import json
 
 from rich.console import Console
 
-from ftkit.metrics import MetricsLog, plot_losses
-from ftkit.progress import TrainProgress, console, status
+from ftkit.common.console import console, status
+from ftkit.train.metrics import MetricsLog, plot_losses
+from ftkit.train.progress import TrainProgress
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -9,8 +9,7 @@ import subprocess
 import sys
 
 import pytest
-
-from builders import REPO, recipe_file
+from builders import PYTHONPATH, recipe_file
 from hub_standin import Hub
 
 pytest.importorskip("huggingface_hub")
@@ -18,7 +17,7 @@ pytest.importorskip("huggingface_hub")
 
 def hub_env(tmp_path, hub):
     env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
-    return {**env, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'backends'}", "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0",
+    return {**env, "PYTHONPATH": PYTHONPATH, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0",
             "HF_HOME": str(tmp_path / "hf-home"), "FTKIT_CACHE": str(tmp_path / "ftkit-cache"), "HF_HUB_DISABLE_TELEMETRY": "1",
             "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
 
@@ -38,7 +37,7 @@ def trained(tmp_path_factory, tiny_model_dir, wikisql_dir):
     for split, n in (("train", 32), ("valid", 8)):
         (data / f"{split}.jsonl").write_text("\n".join((wikisql_dir / f"{split}.jsonl").read_text().splitlines()[:n]) + "\n")
     recipe = recipe_file(tmp, tiny_model_dir, data, "pushed", train={"iters": 4, "steps_per_eval": 2, "lr": 1e-2})
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'backends'}", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH, "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-m", "ftkit.cli", "train", str(recipe), "--backend", "torch", "--json"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

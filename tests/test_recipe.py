@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from ftkit.errors import RecipeError
-from ftkit.recipe import defaults_table, load_recipes
+from ftkit.common.errors import RecipeError
+from ftkit.recipe.load import defaults_table, load_recipes
 
 GOOD = """
 [model]

@@ -7,9 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from builders import REPO
-from ftkit.recipe import load_recipes, looks_like_hub_id
+
+from ftkit.common.hub import looks_like_hub_id
+from ftkit.recipe.load import load_recipes
 
 RECIPES = sorted((REPO / "recipes").glob("*.toml"))
 

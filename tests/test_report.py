@@ -10,8 +10,7 @@ import sys
 from html.parser import HTMLParser
 
 import pytest
-
-from builders import REPO, recipe_file
+from builders import PYTHONPATH, recipe_file
 
 
 def chromium() -> str | None:
@@ -53,7 +52,7 @@ def run_dir(tmp_path_factory, tiny_model_dir, wikisql_dir):
     for split, n in (("train", 48), ("valid", 16)):
         (data / f"{split}.jsonl").write_text("\n".join((wikisql_dir / f"{split}.jsonl").read_text().splitlines()[:n]) + "\n")
     recipe = recipe_file(tmp, tiny_model_dir, data, "reported", train={"iters": 6, "steps_per_eval": 2})
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'backends'}", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH, "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-m", "ftkit.cli", "train", str(recipe), "--backend", "torch", "--json"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -61,7 +60,7 @@ def run_dir(tmp_path_factory, tiny_model_dir, wikisql_dir):
 
 
 def test_report_is_one_self_contained_page(run_dir):
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'backends'}"}
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH}
     out = subprocess.run([sys.executable, "-m", "ftkit.cli", "report", str(run_dir), "--json"], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     page = json.loads(out.stdout)["report"]
@@ -81,7 +80,7 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     browser = chromium()
     if browser is None:
         pytest.skip("no Chromium here (Debian: apt-get install chromium; scripts/test installs it)")
-    from ftkit.report import write
+    from ftkit.ops.report import write
 
     page = write(run_dir, tmp_path / "report.html")
     args = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
@@ -107,8 +106,8 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
 
 
 def test_report_of_a_folder_without_a_run_names_the_runs_inside(tmp_path):
-    from ftkit.errors import FtkitError
-    from ftkit.report import write
+    from ftkit.common.errors import FtkitError
+    from ftkit.ops.report import write
 
     (tmp_path / "stage-1-pretrain").mkdir()
     (tmp_path / "stage-1-pretrain" / "metrics.jsonl").write_text("")
@@ -117,8 +116,8 @@ def test_report_of_a_folder_without_a_run_names_the_runs_inside(tmp_path):
 
 
 def test_report_plots_task_metrics_nested_or_not(tmp_path):
-    from ftkit.metrics import MetricsLog
-    from ftkit.report import build
+    from ftkit.ops.report import build
+    from ftkit.train.metrics import MetricsLog
 
     with MetricsLog(tmp_path) as log:
         log.log({"step": 0, "kind": "run", "backend": "torch", "device": "cpu", "hardware": {"cpu": "x"}})

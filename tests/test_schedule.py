@@ -2,8 +2,8 @@ import math
 
 import pytest
 
-from ftkit.recipe import TrainSection
-from ftkit.schedule import lr_at, make_schedule
+from ftkit.recipe.schema import TrainSection
+from ftkit.train.schedule import lr_at, make_schedule
 
 
 def test_epochs_to_steps_and_axolotl_style_counts():

@@ -17,7 +17,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from builders import REPO, recipe_file
 
 START = REPO / "deploy" / "runpod" / "start.sh"

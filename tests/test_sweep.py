@@ -10,16 +10,15 @@ import subprocess
 import sys
 
 import pytest
+from builders import PYTHONPATH, REPO, recipe_file
 
-from builders import REPO, recipe_file
-
-from ftkit import sweep as sweeps
-from ftkit.errors import FtkitError, RecipeError
-from ftkit.recipe import load_recipes
+from ftkit.common.errors import FtkitError, RecipeError
+from ftkit.ops import sweep as sweeps
+from ftkit.recipe.load import load_recipes
 
 
 def env(tmp_path):
-    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'backends'}", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+    return {**os.environ, "PYTHONPATH": PYTHONPATH, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
             "WANDB_DIR": str(tmp_path / "wandb-default"), "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
             "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"), "WANDB_SILENT": "true", "COLUMNS": "200"}
 
@@ -184,7 +183,7 @@ def test_the_ready_sweep_file_loads():
 
 
 def test_run_metrics_last_or_best_and_nested_task_metrics(tmp_path):
-    from ftkit.metrics import MetricsLog
+    from ftkit.train.metrics import MetricsLog
 
     with MetricsLog(tmp_path) as log:
         for s, (loss, f1) in enumerate([(2.0, 0.2), (1.0, 0.6), (1.5, 0.5)], 1):

@@ -8,9 +8,9 @@ import json
 import re
 
 import pytest
+from builders import REPO
 from typer.testing import CliRunner
 
-from builders import REPO
 from ftkit.cli import app
 
 runner = CliRunner()
@@ -35,7 +35,7 @@ def run(*args):
 
 
 def test_hub_ids_are_the_defaults():
-    from ftkit.recipe import load_recipes
+    from ftkit.recipe.load import load_recipes
 
     for name, hub in HUB.items():
         (r,) = load_recipes([REPO / "recipes" / f"{name}.toml"], check_paths=False)
@@ -60,8 +60,8 @@ def test_each_task_recipe_reads_its_local_copy(name, tiny_model_dir, tmp_path):
 
 
 def test_banking77_reads_label_names_from_either_column(tiny_model_dir):
-    from ftkit.data import read_rows
-    from ftkit.recipe import load_recipes
+    from ftkit.data.mapping import read_rows
+    from ftkit.recipe.load import load_recipes
 
     (r,) = load_recipes([REPO / "recipes" / "banking77.toml"], [f"data.path={REPO / 'data/banking77'}"], check_paths=False)
     rows = read_rows(r.data)

@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from ftkit import tasks
-from ftkit.tasks import UNMATCHED
+from ftkit.evaluate import tasks
+from ftkit.evaluate.tasks import UNMATCHED
 
 
 def test_accuracy_macro_f1_and_confusions_by_hand():
@@ -76,8 +76,8 @@ def test_label_log_likelihoods_are_the_models(tiny_model_dir, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ftkit.evaluation import open_model
-    from ftkit.recipe import build_recipe
+    from ftkit.evaluate.inference import open_model
+    from ftkit.recipe.load import build_recipe
 
     be, tok, _ = open_model(str(tiny_model_dir), "torch", None)
     data = build_recipe({"model": {"path": "m"}, "data": {"path": "-"}}, "t", check_paths=False).data
@@ -103,9 +103,9 @@ def test_label_log_likelihoods_are_the_models(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("as_chat", [False, True], ids=["completion", "chat"])
 def test_classification_end_to_end_learns_the_labels(tiny_model_dir, tmp_path, as_chat):
     """A tiny model trained on word -> class pairs scores the classes it learnt; base vs adapter saved as JSON."""
+    from builders import recipe_file
     from typer.testing import CliRunner
 
-    from builders import recipe_file
     from ftkit.cli import app
 
     words = {"apple": "fruit", "pear": "fruit", "plum": "fruit", "cat": "animal", "dog": "animal", "cow": "animal"}
@@ -143,8 +143,8 @@ def test_classification_end_to_end_learns_the_labels(tiny_model_dir, tmp_path, a
 
 def test_label_scores_agree_on_torch_and_mlx(tiny_model_dir):
     pytest.importorskip("mlx")
-    from ftkit.evaluation import open_model
-    from ftkit.recipe import build_recipe
+    from ftkit.evaluate.inference import open_model
+    from ftkit.recipe.load import build_recipe
 
     data = build_recipe({"model": {"path": "m"}, "data": {"path": "-"}}, "t", check_paths=False).data
     row = {"prompt": "table: 1-1000181-1\nQ: how many?\nA:"}
@@ -168,12 +168,12 @@ def test_row_losses_are_each_rows_own_loss(tmp_path, tiny_model_dir, small_data,
     if backend == "mlx":
         pytest.importorskip("mlx")
     import numpy as np
-
     from builders import recipe_file
-    from ftkit.backend import get_backend
-    from ftkit.data import make_batch
-    from ftkit.loop import prepare
-    from ftkit.recipe import load_recipes
+
+    from ftkit.backend.registry import get_backend
+    from ftkit.data.batch import make_batch
+    from ftkit.recipe.load import load_recipes
+    from ftkit.train.prepare import prepare
 
     (recipe,) = load_recipes([recipe_file(tmp_path, tiny_model_dir, small_data, method={"kind": kind})])
     prep = prepare(recipe)

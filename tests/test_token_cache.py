@@ -8,9 +8,10 @@ import os
 import numpy as np
 import pytest
 
-from ftkit import token_cache
-from ftkit.data import load_splits, tokenize_splits
-from ftkit.recipe import DataSection
+from ftkit.data import token_cache
+from ftkit.data.encode import tokenize_splits
+from ftkit.data.token_cache import load_splits
+from ftkit.recipe.schema import DataSection
 
 
 @pytest.fixture
@@ -76,7 +77,7 @@ def test_a_data_error_writes_no_entry(cache, tmp_path, tokenizer):
 
 def test_a_large_split_costs_no_memory_until_read(cache, tmp_path, tokenizer):
     # 200k short examples: the mapped arrays are on disk; reading one example touches a page.
-    from ftkit.data import Example, Splits
+    from ftkit.data.batch import Example, Splits
 
     n = 200_000
     examples = [Example([i % 500, 7, 8, 9], [0, 1, 1, 1]) for i in range(n)]

@@ -13,11 +13,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
+from builders import recipe_file  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
-from builders import recipe_file  # noqa: E402
-from ftkit.loop import Trainer, prepare  # noqa: E402
-from ftkit.recipe import load_recipes  # noqa: E402
+from ftkit.recipe.load import load_recipes
+from ftkit.train.loop import Trainer
+from ftkit.train.prepare import prepare
 
 TRAIN = {"iters": 4, "save_every": 4, "steps_per_eval": 4, "lr": 1e-2}
 

@@ -9,12 +9,11 @@ import subprocess
 import sys
 
 import pytest
-
-from builders import REPO, recipe_file
+from builders import PYTHONPATH, recipe_file
 from tracker_files import read_tensorboard, read_wandb
 
-from ftkit.metrics import MetricsLog
-from ftkit.recipe import load_recipes
+from ftkit.recipe.load import load_recipes
+from ftkit.train.metrics import MetricsLog
 
 SENTINEL = "SENTINELwandbkey0123456789abcdef"
 
@@ -27,7 +26,7 @@ def ftkit(args, env, check=True):
 
 
 def tracker_env(tmp_path):
-    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'backends'}", "WANDB_API_KEY": SENTINEL,
+    return {**os.environ, "PYTHONPATH": PYTHONPATH, "WANDB_API_KEY": SENTINEL,
             "WANDB_DIR": str(tmp_path / "wandb-default"), "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
             "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"), "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1",
             "MLFLOW_TRACKING_URI": "", "OMP_NUM_THREADS": "1"}
@@ -160,7 +159,7 @@ def test_resumed_log_does_not_send_steps_twice(tmp_path):
 
 
 def test_numeric_keeps_numbers_and_nested_task_metrics():
-    from ftkit.tracking import numeric
+    from ftkit.train.tracking import numeric
 
     got = numeric({"step": 3, "kind": "valid", "time": 1.0, "loss": 1.25, "accuracy": 0.5, "note": "x", "ok": True,
                    "tasks": {"banking77": {"accuracy": 0.75, "n": 10}}, "bad": float("nan")})

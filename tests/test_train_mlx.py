@@ -13,10 +13,11 @@ pytest.importorskip("mlx_lm")
 
 from builders import recipe_file, train_hiding  # noqa: E402
 
-from ftkit.errors import FtkitError  # noqa: E402
-from ftkit.loop import Trainer, prepare  # noqa: E402
-from ftkit.recipe import load_recipes  # noqa: E402
-from ftkit.tensors import read_safetensors  # noqa: E402
+from ftkit.common.errors import FtkitError
+from ftkit.common.tensors import read_safetensors
+from ftkit.recipe.load import load_recipes
+from ftkit.train.loop import Trainer
+from ftkit.train.prepare import prepare
 
 
 def run(path: Path, backend: str = "mlx", resume=None, stop_after=None, sets=()):
@@ -39,7 +40,7 @@ def test_trains_without_torch_installed(tmp_path, tiny_model_dir, small_data):
 def test_base_stays_frozen_and_only_the_adapter_trains(tmp_path, tiny_model_dir, small_data):
     from mlx.utils import tree_flatten
 
-    from ftkit.backend import get_backend
+    from ftkit.backend.registry import get_backend
 
     p = recipe_file(tmp_path, tiny_model_dir, small_data, train={"iters": 3, "save_every": 3})
     (recipe,) = load_recipes([p])
@@ -115,9 +116,9 @@ def test_qlora_quantizes_the_base_on_load(tmp_path, tiny_model_dir, small_data):
 
 
 def test_a_converted_4bit_model_is_used_as_it_is(tmp_path, tiny_model_dir, small_data):
-    from ftkit.convert import quantize_mlx
-    from ftkit.evaluation import evaluate_recipe
-    from ftkit.fuse import fuse
+    from ftkit.evaluate.evaluation import evaluate_recipe
+    from ftkit.ops.fuse import fuse
+    from ftkit.ops.quantize import quantize_mlx
 
     q4 = quantize_mlx(tiny_model_dir, tmp_path / "q4", bits=4, group_size=32)
     cfg = json.loads((q4 / "config.json").read_text())
@@ -199,7 +200,7 @@ def test_soft_prompt_starts_from_the_init_text_embeddings(tmp_path, tiny_model_d
 
 
 def test_prompt_training_continues_from_a_prompt_adapter(tmp_path, tiny_model_dir, small_data):
-    from ftkit.evaluation import evaluate_recipe
+    from ftkit.evaluate.evaluation import evaluate_recipe
 
     first = run(recipe_file(tmp_path, tiny_model_dir, small_data, name="a", method={"kind": "prompt", "num_virtual_tokens": 5},
                             train={"iters": 3, "save_every": 3, "lr": 3e-2}))

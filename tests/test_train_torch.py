@@ -11,13 +11,15 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
+from builders import recipe_file  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
-from ftkit.errors import AdapterMismatchError, FtkitError  # noqa: E402
-from ftkit.batching import step_indices  # noqa: E402
-from ftkit.loop import Trainer, prepare, run_stages  # noqa: E402
-from ftkit.recipe import load_recipes  # noqa: E402
-from builders import recipe_file  # noqa: E402
+from ftkit.common.errors import AdapterMismatchError, FtkitError
+from ftkit.data.batching import step_indices
+from ftkit.recipe.load import load_recipes
+from ftkit.train.loop import Trainer
+from ftkit.train.prepare import prepare
+from ftkit.train.stages import run_stages
 
 
 def trainer_for(path: Path, sets=()) -> Trainer:
@@ -71,11 +73,11 @@ def test_adapter_loads_in_plain_peft_with_equal_logits(tmp_path, tiny_model_dir,
 
 def test_token_weighted_accumulation_equals_the_big_batch(tmp_path, tiny_model_dir, small_data):
     """4 micro-batches of 1 give the gradient of one batch of 4: every target token weighs the same."""
-    from ftkit.data import make_batch
+    from ftkit.data.batch import make_batch
 
     t = trainer_for(recipe_file(tmp_path, tiny_model_dir, small_data, method={"dropout": 0.0}))
     prep = t.prep
-    from ftkit.backend import get_backend
+    from ftkit.backend.registry import get_backend
 
     be = get_backend("torch")
     be.load(prep.recipe, prep.model_path, adapter=None, train=True)
@@ -268,9 +270,9 @@ def test_prompt_and_prefix_adapters_reload_in_plain_peft(tmp_path, tiny_model_di
     assert (ours - base).abs().max() > 1e-2  # the adapter changes the output
     assert res.last_valid_loss < res.first_valid_loss
     # and through ftkit's own inference path: greedy generation reuses the cache the virtual tokens started
-    from ftkit.evaluation import load_for_inference
-    from ftkit.generate import Sampling, generate
-    from ftkit.loop import load_tokenizer
+    from ftkit.evaluate.generate import Sampling, generate
+    from ftkit.evaluate.inference import load_for_inference
+    from ftkit.models.tokenizer import load_tokenizer
 
     (recipe,) = load_recipes([p])
     again = load_for_inference(recipe, "torch", res.adapter, tiny_model_dir, load_tokenizer(tiny_model_dir))
@@ -289,8 +291,8 @@ def test_qlora_gradients_do_not_change_after_a_validation(tmp_path, tiny_model_d
     # bitsandbytes repacks 4-bit weights for AVX512-BF16 CPUs at the first no-grad forward; after that
     # its kernel has no autograd, so the LoRA gradients below the first adapted layer would be lost.
     pytest.importorskip("bitsandbytes")
-    from ftkit.backend import get_backend
-    from ftkit.data import make_batch
+    from ftkit.backend.registry import get_backend
+    from ftkit.data.batch import make_batch
 
     p = recipe_file(tmp_path, tiny_model_dir, small_data, model={"quantize": "nf4"})
     (recipe,) = load_recipes([p])

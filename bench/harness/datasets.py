@@ -82,9 +82,9 @@ def _packed(tokenizer, n: int, length: int, seed: int) -> list[str]:
 
 def build(name: str, work: Path, model: Path, examples: int, packed_length: int, max_seq_length: int, seed: int = 0) -> BenchData:
     """Write the set's train.jsonl under `work` and count its tokens with ftkit's pipeline."""
-    from ftkit.data import load_splits
-    from ftkit.loop import load_tokenizer
-    from ftkit.recipe import DataSection
+    from ftkit.data.token_cache import load_splits
+    from ftkit.models.tokenizer import load_tokenizer
+    from ftkit.recipe.schema import DataSection
 
     if name not in FORMATS:
         raise SystemExit(f"bench: unknown data set {name!r}; choose from {', '.join(FORMATS)}.")

@@ -1,0 +1,72 @@
+"""The backend contract: what the core asks of a backend (a Protocol, not a base class)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from ftkit.data.batch import Batch
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ftkit.recipe.schema import Recipe
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+
+    def load(self, recipe: "Recipe", model_path: Path, *, adapter: Path | None, train: bool) -> None:
+        """Load the base from a local folder, attach the method (optionally from `adapter`)."""
+
+    def describe(self) -> dict[str, Any]:
+        """What the run log and ftkit.json record: device, dtype, precision, parameter counts."""
+
+    def start_training(self) -> None:
+        """Called once the starting adapter values are set: wrap for DDP/FSDP, make the optimizer."""
+
+    def forward_backward(self, batch: Batch, scale: float, sync: bool = True) -> Any:
+        """Accumulate gradients of `scale * sum(target-token losses)`; return the unscaled sum, as a
+        float or a device scalar (anything with `.item()`: the core reads it only when it reports, so
+        a step needs no host sync). `sync=False`: more micro-batches of this step follow, so several
+        processes need not reduce their gradients yet."""
+
+    def optimizer_step(self, lr: float) -> dict[str, Any]:
+        """Clip, step at `lr`, zero the gradients; return e.g. {"grad_norm": ...} (floats or device scalars)."""
+
+    def reduce_sum(self, values: list[float]) -> list[float]:
+        """Sum each value over the run's processes (the values themselves when there is one)."""
+
+    def barrier(self) -> None:
+        """Wait for every process of the run (nothing when there is one)."""
+
+    def eval_loss(self, batch: Batch) -> float:
+        """Sum of target-token losses, no gradients."""
+
+    def row_losses(self, batch: Batch) -> "np.ndarray":
+        """Each row's sum of target-token losses, float64 [rows], no gradients (a padded batch: no positions)."""
+
+    def next_logits(self, new_ids: list[int], state: Any | None) -> tuple["np.ndarray", Any]:
+        """Float32 logits for the token after `new_ids` (appended to `state`'s context; None starts over)."""
+
+    def adapter_tensors(self) -> dict[str, "np.ndarray"]:
+        """The adapter's tensors in the common layout: PEFT's names and shapes, float32."""
+
+    def set_adapter_tensors(self, tensors: dict[str, "np.ndarray"]) -> None:
+        """Overwrite the adapter's tensors (same names and shapes as `adapter_tensors`)."""
+
+    def embedding_rows(self, ids: list[int]) -> "np.ndarray":
+        """The base model's input embeddings of these token ids, float32 [len(ids), hidden]."""
+
+    def save_adapter(self, dest: Path) -> None:
+        """Write the trainable part in the common format (PEFT files; a full model folder for `full`)."""
+
+    def fuse(self, dest: Path, dequantize: bool) -> None:
+        """Merge the adapter into the base and write a plain Hugging Face model folder (weights + config)."""
+
+    def save_state(self, dest: Path) -> None:
+        """Write what resuming needs beyond the adapter: optimizer state, RNG."""
+
+    def load_state(self, src: Path) -> None:
+        """Restore what `save_state` wrote."""

@@ -1,0 +1,69 @@
+"""Atomic writes: a file or a folder appears whole under its name or not at all (one rule, used by every writer)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ftkit.common.distributed import World, shared_dir_check
+from ftkit.common.errors import FtkitError
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+@contextmanager
+def atomic_dir(dest: Path, world: World | None = None, sync: Callable[[], None] | None = None) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces `dest` in one rename, on failure it is removed.
+
+    In a multi-process run every process writes its part into the same temporary folder: rank 0
+    makes it and renames it, `sync` (a barrier) keeps the others between those two moments.
+    """
+    shared = world is not None and world.size > 1
+    tmp = dest.with_name(f".{dest.name}.tmp-{'shared' if shared else os.getpid()}")
+    if not shared or world.is_main:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    if shared:
+        sync()
+        problem = shared_dir_check(tmp)
+        if problem:
+            raise FtkitError(problem)
+    try:
+        yield tmp
+    except BaseException:
+        if not shared or world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if shared:
+        sync()
+        if not world.is_main:
+            sync()
+            return
+    if dest.exists():
+        # Two renames: the old folder stays whole until the new one is in place.
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+    if shared:
+        sync()

@@ -1,0 +1,54 @@
+"""Fingerprints of a model's weights and a tokenizer, so an adapter is never loaded onto another base."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+_SAMPLES, _SAMPLE_BYTES = 8, 4096
+
+
+def _safetensors_digest(path: Path, h: "hashlib._Hash") -> None:
+    """Hash the header (names, shapes, dtypes) and a few evenly spaced samples of the data.
+
+    Reading the whole file would cost seconds on a 7B model; the samples catch different weights of
+    the same architecture, which is the mistake this guards against.
+    """
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        h.update(json.dumps(sorted((k, v["dtype"], v["shape"]) for k, v in header.items())).encode())
+        start, size = 8 + n, path.stat().st_size - 8 - n
+        for i in range(_SAMPLES):
+            f.seek(start + (size * i) // _SAMPLES)
+            h.update(f.read(_SAMPLE_BYTES))
+
+
+def fingerprint_model(folder: Path) -> str:
+    """A content fingerprint of a model folder's weights, the same whichever backend reads them."""
+    h = hashlib.sha256()
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        files = sorted(folder.glob("*.bin")) + sorted(folder.glob("*.npz"))
+        for path in files:
+            h.update(path.name.encode())
+            with open(path, "rb") as f:
+                size = path.stat().st_size
+                for i in range(_SAMPLES):
+                    f.seek((size * i) // _SAMPLES)
+                    h.update(f.read(_SAMPLE_BYTES))
+    for path in files:
+        if path.suffix == ".safetensors":
+            _safetensors_digest(path, h)
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def fingerprint_tokenizer(tokenizer: Any) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    specials = sorted(str(t) for t in getattr(tokenizer, "all_special_tokens", []))
+    h = hashlib.sha256(json.dumps([vocab, specials]).encode())
+    return "sha256:" + h.hexdigest()[:32]

@@ -1,0 +1,92 @@
+"""Examples, splits and the padded batch every backend consumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+
+from dataclasses import field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ftkit.common.errors import DataError
+
+if TYPE_CHECKING:
+    pass
+
+
+@dataclass
+class Batch:
+    """One micro-batch, already shifted: the model reads `inputs[:, t]` and should predict `targets[:, t]`.
+
+    `mask[:, t]` is 1.0 where that prediction counts toward the loss; `attention_mask` marks real
+    (non-padding) input tokens.
+    """
+
+    inputs: "np.ndarray"  # int32 [B, T]
+    targets: "np.ndarray"  # int32 [B, T]
+    mask: "np.ndarray"  # float32 [B, T]
+    attention_mask: "np.ndarray"  # int32 [B, T]
+    # Packed rows (ftkit.packing): each token's position within its example, restarting at 0 where
+    # an example starts. Attention must stay inside each example; None for one example per row.
+    positions: "np.ndarray | None" = None
+
+    @property
+    def n_targets(self) -> int:
+        return int(self.mask.sum())
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+@dataclass
+class Example:
+    ids: list[int]
+    mask: list[int]  # 1 where token i is a training target (its prediction counts toward the loss)
+    truncated: bool = False
+
+
+@dataclass
+class Splits:
+    train: list[Example]
+    valid: list[Example]
+    test: list[Example]
+    format: str  # "text" | "completion" | "chat"
+    train_on: str  # resolved: "completion" | "all"
+    n_truncated: dict[str, int] = field(default_factory=dict)  # per split, dropped examples included
+    sources: dict[str, str] = field(default_factory=dict)  # per split: where its rows came from
+    n_dropped: dict[str, int] = field(default_factory=dict)  # per split: examples with no target token
+
+
+def check_batch(batch: Batch) -> Batch:
+    if batch.n_targets == 0:
+        raise DataError(
+            f"a batch of {batch.inputs.shape[0]} examples has no target token: a batch whose mask is all zero "
+            "is an error, not a silent no-op."
+        )
+    return batch
+
+
+def make_batch(examples: list[Example], pad_id: int) -> Batch:
+    """Right-padded and shifted: inputs = ids[:-1], targets = ids[1:], mask = mask[1:]."""
+    if not examples:
+        raise DataError("make_batch: no examples.")
+    pad = 0 if pad_id is None else int(pad_id)  # padding is masked out of loss and attention; any id works
+    shape = (len(examples), max(max(len(e.ids) for e in examples) - 1, 0))
+    inputs = np.full(shape, pad, dtype=np.int32)
+    targets = np.full(shape, pad, dtype=np.int32)
+    mask = np.zeros(shape, dtype=np.float32)
+    attention = np.zeros(shape, dtype=np.int32)
+    for b, e in enumerate(examples):
+        n = len(e.ids) - 1
+        if n > 0:
+            inputs[b, :n] = e.ids[:-1]
+            targets[b, :n] = e.ids[1:]
+            mask[b, :n] = e.mask[1:]
+            attention[b, :n] = 1
+    return check_batch(Batch(inputs, targets, mask, attention))

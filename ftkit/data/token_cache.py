@@ -1,0 +1,169 @@
+"""Tokenized splits cached on disk and memory-mapped: tokenize once, and keep memory flat as data grows.
+
+Each split is three flat arrays (`tokens` int32, `masks` int8, `offsets` int64) plus a truncation
+flag per example, saved as .npy files that `np.load(mmap_mode="r")` maps without reading: a run over
+a million examples holds the pages it touches, not a million Python lists. numpy's memory map rather
+than Arrow because the core must run without pyarrow; the layout is Arrow's (values + offsets).
+
+The cache key covers everything the tokens depend on: the resolved [data] section, the size and
+modification time of every file it names, the tokenizer (vocabulary, special tokens, chat template,
+and how it encodes a probe string), and ftkit's encoding version. Entries are written to a temporary
+folder and renamed into place, so a killed run never leaves a half-written entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ftkit.common.fingerprints import fingerprint_tokenizer
+from ftkit.common.hub import looks_like_hub_id
+from ftkit.common.paths import cache_root
+from ftkit.data import token_cache
+from ftkit.data.batch import Example, Splits
+from ftkit.data.encode import tokenize_splits
+from ftkit.data.rows import SPLITS
+
+if TYPE_CHECKING:
+    from ftkit.recipe.schema import DataSection
+
+
+# Bump when encoding changes what a row turns into, so older cache entries are not reused.
+ENCODING_VERSION = 1
+
+
+_PROBE = "Hello, world!\n  Two  spaces\tand a tab. <|im_start|>user\nÜnïcödé 123"
+
+
+class TokenStore(Sequence[Example]):
+    """One split's examples, read from memory-mapped arrays on access."""
+
+    def __init__(self, folder: Path, split: str):
+        load = lambda name: np.load(folder / f"{split}.{name}.npy", mmap_mode="r")  # noqa: E731
+        self.tokens, self.masks, self.offsets, self.truncated = load("tokens"), load("masks"), load("offsets"), load("truncated")
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return Example(self.tokens[a:b].tolist(), self.masks[a:b].tolist(), bool(self.truncated[i]))
+
+    def __iter__(self) -> Iterator[Example]:
+        return (self[i] for i in range(len(self)))
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+def _write_split(folder: Path, split: str, examples: Sequence[Example]) -> None:
+    lengths = np.fromiter((len(e.ids) for e in examples), dtype=np.int64, count=len(examples))
+    offsets = np.zeros(len(examples) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    tokens = np.empty(int(offsets[-1]), dtype=np.int32)
+    masks = np.empty(int(offsets[-1]), dtype=np.int8)
+    for e, a, b in zip(examples, offsets[:-1], offsets[1:]):
+        tokens[a:b] = e.ids
+        masks[a:b] = e.mask
+    truncated = np.fromiter((e.truncated for e in examples), dtype=bool, count=len(examples))
+    for name, arr in (("tokens", tokens), ("masks", masks), ("offsets", offsets), ("truncated", truncated)):
+        np.save(folder / f"{split}.{name}.npy", arr)
+
+
+def _files(value: Any) -> Iterator[Path]:
+    """Every existing file a recipe value names: itself, or all files under a folder."""
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _files(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _files(v)
+    elif isinstance(value, str) and value and len(value) < 4096:
+        p = Path(value).expanduser()
+        try:
+            if p.is_file():
+                yield p
+            elif p.is_dir():
+                yield from (f for f in sorted(p.rglob("*")) if f.is_file())
+        except OSError:
+            return
+
+
+def tokenizer_key(tokenizer: Any) -> str:
+
+    probe = list(tokenizer(_PROBE)["input_ids"])
+    parts = [fingerprint_tokenizer(tokenizer), type(tokenizer).__name__, getattr(tokenizer, "chat_template", None) or "",
+             tokenizer.eos_token_id, tokenizer.pad_token_id, probe]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
+
+
+def cache_key(data: Any, tokenizer: Any) -> str:
+    section = json.loads(data.model_dump_json())
+    stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in _files(section)]
+    parts = [ENCODING_VERSION, section, stats, tokenizer_key(tokenizer)]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def cache_dir() -> Path:
+
+    return cache_root() / "tokens"
+
+
+def load(data: Any, tokenizer: Any, tokenize: Callable[[Any, Any], Splits]) -> Splits:
+    """The tokenized splits from the cache, tokenizing with `tokenize` (and caching) on a miss.
+
+    Hub data sets are not cached here: their rows can change under the same id, and `datasets` keeps
+    its own cache of them.
+    """
+
+    if not Path(data.path).expanduser().exists() and looks_like_hub_id(data.path):
+        return tokenize(data, tokenizer)
+    folder = cache_dir() / cache_key(data, tokenizer)
+    if not (folder / "meta.json").is_file():
+        splits = tokenize(data, tokenizer)  # errors in the data surface here, before anything is written
+        _store(folder, splits)
+    meta = json.loads((folder / "meta.json").read_text())
+    stores = {split: TokenStore(folder, split) for split in SPLITS}
+    return Splits(**stores, format=meta["format"], train_on=meta["train_on"], n_truncated=meta["n_truncated"],
+                  sources=meta["sources"], n_dropped=meta["n_dropped"])
+
+
+def _store(folder: Path, splits: Splits) -> None:
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for split in SPLITS:
+            _write_split(tmp, split, getattr(splits, split))
+        meta = {"format": splits.format, "train_on": splits.train_on, "n_truncated": splits.n_truncated,
+                "sources": splits.sources, "n_dropped": splits.n_dropped}
+        (tmp / "meta.json").write_text(json.dumps(meta))  # last: marks the entry complete
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process (a rank of the same run) put the same entry in place first
+            if not (folder / "meta.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_splits(data: "DataSection", tokenizer: Any) -> Splits:
+    """The recipe's data as tokenized splits: from ftkit's token cache (memory-mapped, ftkit.token_cache)
+    when data.cache is on and nothing they depend on changed; tokenized (and cached) otherwise."""
+    if not data.cache:
+        return tokenize_splits(data, tokenizer)
+
+    return token_cache.load(data, tokenizer, tokenize_splits)

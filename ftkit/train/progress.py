@@ -1,0 +1,84 @@
+"""The progress bar of a training run: loss, learning rate, tokens/s, ETA."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from ftkit.common.console import _stderr_console
+
+
+def _tokens(rate: float) -> str:
+    return f"{rate / 1000:.1f}k tok/s" if rate >= 1000 else f"{rate:.0f} tok/s"
+
+
+class TrainProgress:
+    """The training bar: description, bar, step/total, loss, lr, tokens/s, elapsed, ETA.
+
+    With `enabled=False` there is no bar; `log` still prints (to stderr).
+    """
+
+    def __init__(
+        self,
+        total: int,
+        *,
+        description: str = "train",
+        start: int = 0,
+        enabled: bool = True,
+        console: Console | None = None,
+    ):
+        self.enabled = enabled
+        self.console = console or _stderr_console()
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[loss]}"),
+            TextColumn("{task.fields[lr]}"),
+            TextColumn("{task.fields[tps]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=not enabled,
+        )
+        self._task = self._progress.add_task(description, total=total, completed=start, loss="", lr="", tps="")
+
+    def __enter__(self) -> TrainProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._progress.stop()
+
+    def update(
+        self,
+        step: int,
+        loss: float | None = None,
+        lr: float | None = None,
+        tokens_per_sec: float | None = None,
+    ) -> None:
+        # Fields left out keep their last value: loss is reported every few steps, the bar moves every step.
+        fields = {}
+        if loss is not None:
+            fields["loss"] = f"loss {loss:.4f}"
+        if lr is not None:
+            fields["lr"] = f"lr {lr:.2e}"
+        if tokens_per_sec is not None:
+            fields["tps"] = _tokens(tokens_per_sec)
+        self._progress.update(self._task, completed=step, **fields)
+        if self.enabled and loss is not None and not self.console.is_terminal:
+            # No live bar in a log file or CI: one line per report instead.
+            total = self._progress.tasks[0].total
+            self.console.print(f"step {step}/{total}: " + ", ".join(fields.values()))
+
+    def log(self, message: str) -> None:
+        """Print above the bar (the bar redraws below it)."""
+        if self.enabled:
+            self.console.print(message)
