@@ -114,9 +114,10 @@ def test_core_imports_and_helps_without_torch_or_mlx(tmp_path):
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
     code = (
-        "import ftkit, ftkit.cli, ftkit.recipe, ftkit.data, ftkit.loop, ftkit.schedule, ftkit.adapter, ftkit.backend, sys\n"
+        "import importlib, pkgutil, sys, ftkit\n"
+        "for m in pkgutil.walk_packages(ftkit.__path__, 'ftkit.'):\n    importlib.import_module(m.name)\n"
         "assert not any(m.split('.')[0] in ('torch', 'mlx') for m in sys.modules), [m for m in sys.modules if 'torch' in m]\n"
-        "from ftkit.backend import get_backend\n"
+        "from ftkit.backend.registry import get_backend\n"
         "try:\n    get_backend('mlx')\nexcept Exception as e:\n    print('ERR', e)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)

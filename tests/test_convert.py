@@ -1,4 +1,4 @@
-"""ftkit.convert: llama2.c and GGUF checkpoints become Hugging Face folders that compute the same thing.
+"""ftkit.models (convert, gguf, llama2c): llama2.c and GGUF checkpoints become Hugging Face folders that compute the same thing.
 
 The llama2.c test uses a real pretrained model (stories260K): reproducing llama2.c's own greedy output
 is what shows the q/k rows were permuted right, which random weights could not show.

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
 from pathlib import Path
 from typing import Any
+
+from ftkit.common.tensors import read_header
 
 _SAMPLES, _SAMPLE_BYTES = 8, 4096
 
@@ -17,12 +18,10 @@ def _safetensors_digest(path: Path, h: "hashlib._Hash") -> None:
     Reading the whole file would cost seconds on a 7B model; the samples catch different weights of
     the same architecture, which is the mistake this guards against.
     """
+    header, start = read_header(path)
+    h.update(json.dumps(sorted((k, v["dtype"], v["shape"]) for k, v in header.items())).encode())
+    size = path.stat().st_size - start
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        h.update(json.dumps(sorted((k, v["dtype"], v["shape"]) for k, v in header.items())).encode())
-        start, size = 8 + n, path.stat().st_size - 8 - n
         for i in range(_SAMPLES):
             f.seek(start + (size * i) // _SAMPLES)
             h.update(f.read(_SAMPLE_BYTES))

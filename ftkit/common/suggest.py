@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import difflib
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    pass
+from collections.abc import Iterable
 
 
-def _suggest(word: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
-    return f" Did you mean '{close[0]}'?" if close else ""
+def closest(word: str, options: Iterable[str]) -> str | None:
+    """The option `word` was most likely meant to be (difflib's ratio >= 0.6), or None."""
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
-def _hint(word: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(word, options, n=1)
-    return f" Did you mean '{close[0]}'?" if close else ""
+def did_you_mean(word: str, options: Iterable[str]) -> str:
+    """" Did you mean 'x'?" to append to a message, or "" when nothing is close."""
+    close = closest(word, options)
+    return f" Did you mean '{close}'?" if close else ""

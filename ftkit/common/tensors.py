@@ -1,7 +1,7 @@
-"""Safetensors files as numpy arrays, with bfloat16 read as float32.
+"""Safetensors files as numpy arrays (bfloat16 read as float32), through `safetensors.numpy`.
 
-The core converts adapters between layouts without torch or mlx; `safetensors.numpy` cannot read
-bfloat16 (numpy has no such type), and adapters from mlx-lm or a bf16 PEFT run often hold it.
+The core converts adapters between layouts without torch or mlx. numpy has no bfloat16 of its own:
+ml_dtypes gives it one, which `safetensors.numpy` then reads; ftkit hands the core float32.
 """
 
 from __future__ import annotations
@@ -10,39 +10,32 @@ import json
 import struct
 from pathlib import Path
 
+import ml_dtypes  # noqa: F401  registers bfloat16 with numpy, so safetensors.numpy reads BF16 tensors
 import numpy as np
 
 from ftkit.common.errors import AdapterMismatchError
 
-_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-    "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header (name -> dtype, shape, data_offsets; no __metadata__) and where its
+    data starts, without reading the data."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-            data = f.read()
-    except (OSError, struct.error, json.JSONDecodeError) as e:
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError, ValueError, TypeError) as e:
         raise AdapterMismatchError(f"{path}: not a readable safetensors file ({e}).") from None
-    header.pop("__metadata__", None)
-    out = {}
-    for name, info in header.items():
-        start, end = info["data_offsets"]
-        raw = data[start:end]
-        if info["dtype"] == "BF16":
-            bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
-            arr = bits.view(np.float32)
-        elif info["dtype"] in _DTYPES:
-            arr = np.frombuffer(raw, dtype=np.dtype(_DTYPES[info["dtype"]]).newbyteorder("<"))
-        else:
-            raise AdapterMismatchError(f"{path}: tensor {name} has dtype {info['dtype']}, which ftkit cannot read.")
-        out[name] = arr.reshape(info["shape"]).copy()
-    return out
+    return {k: v.astype(np.float32) if v.dtype == ml_dtypes.bfloat16 else v for k, v in tensors.items()}
 
 
 def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:

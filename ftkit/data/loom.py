@@ -32,6 +32,7 @@ from typing import Any
 import tomllib
 
 from ftkit.common.errors import FtkitError
+from ftkit.common.suggest import closest
 
 DEFAULT_SECTIONS = ("system_prompt", "context", "question")
 
@@ -173,10 +174,8 @@ def build(loom: Loom, sections: str | list[str] | None, values: Mapping[str, Any
         elif name in loom.items:
             parts[role] = loom.text(name, values)
         elif role in required:
-            import difflib
-
-            close = difflib.get_close_matches(name, list(loom.items), n=1)
-            hint = f" Did you mean [{close[0]}]?" if close else ""
+            close = closest(name, loom.items)
+            hint = f" Did you mean [{close}]?" if close else ""
             raise FtkitError(f"{loom.path or 'loom'}: no section [{name}] (for the {role}).{hint} It has: {', '.join(loom.items)}.")
         else:
             parts[role] = ""

@@ -21,7 +21,6 @@ the examples training saw, with each candidate answer put where the completion w
 
 from __future__ import annotations
 
-import difflib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ftkit.common.errors import DataError, FtkitError
+from ftkit.common.suggest import did_you_mean
 from ftkit.data import loom as loom_files
 
 if TYPE_CHECKING:
@@ -196,9 +196,8 @@ class Mapper:
             raise DataError(f"{where}: the label {raw!r} ({self.spec.label_field}) is a class id; set data.label_names to name the classes.")
         idx = raw if isinstance(raw, int) else int(raw) if isinstance(raw, str) and raw.strip().isdigit() else None
         if idx is None or not 0 <= idx < len(names):
-            close = difflib.get_close_matches(str(raw), names, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise DataError(f"{where}: the label {raw!r} is not one of the {len(names)} label_names, nor an id 0..{len(names) - 1}.{hint}")
+            raise DataError(f"{where}: the label {raw!r} is not one of the {len(names)} label_names, nor an id "
+                            f"0..{len(names) - 1}.{did_you_mean(raw, names)}")
         return names[idx]
 
     def extras(self, row: dict, where: str) -> dict[str, Any] | None:

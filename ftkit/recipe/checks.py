@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ftkit.common.hub import looks_like_hub_id
-from ftkit.common.suggest import _hint
+from ftkit.common.suggest import did_you_mean
 from ftkit.recipe.tasks import task_names, task_settings
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ def recipe_problems(r: "Recipe", where: str) -> list[str]:
         errors.append(f"{where}: task names must differ: {', '.join(dupes)} (data.name and each data.mix name).")
     for name, task in r.eval.tasks.items():
         if name not in names:
-            errors.append(f"{where}: eval.tasks.{name}: no such task; the tasks are {', '.join(names)}.{_hint(name, names)}")
+            errors.append(f"{where}: eval.tasks.{name}: no such task; the tasks are {', '.join(names)}.{did_you_mean(name, names)}")
     for name, spec in zip(names, [d] + list(d.mix)):
         kind = task_settings(r, name).task
         if kind == "classification" and not spec.label_field:

@@ -14,7 +14,7 @@ from pydantic import (
 
 from ftkit.common.errors import RecipeError
 from ftkit.common.hub import looks_like_hub_id
-from ftkit.common.suggest import _suggest
+from ftkit.common.suggest import did_you_mean
 from ftkit.recipe.checks import _check_combinations
 from ftkit.recipe.schema import EvalTask, MixSource, Recipe
 
@@ -86,14 +86,14 @@ def _unknown_keys(data: dict[str, Any], where: str) -> list[str]:
     sections = list(Recipe.model_fields)
     for section, values in data.items():
         if section not in Recipe.model_fields:
-            errors.append(f"{where}: unknown section [{section}].{_suggest(section, sections)} Allowed: {', '.join(sections)}.")
+            errors.append(f"{where}: unknown section [{section}].{did_you_mean(section, sections)} Allowed: {', '.join(sections)}.")
             continue
         if not isinstance(values, dict):
             continue
         fields = _section_fields(section)
         for key in values:
             if key not in fields:
-                errors.append(f"{where}: unknown key {section}.{key}.{_suggest(key, fields)}")
+                errors.append(f"{where}: unknown key {section}.{key}.{did_you_mean(key, fields)}")
     return errors
 
 
@@ -117,7 +117,7 @@ def _format_validation(err: ValidationError, where: str, text: str | None, overr
         key = ".".join(loc)
         if e["type"] == "extra_forbidden":  # inside a nested table: [[data.mix]], [eval.tasks.NAME]
             fields = list(MixSource.model_fields) + list(EvalTask.model_fields)
-            out.append(f"{where}: unknown key {key}.{_suggest(loc[-1], fields)}")
+            out.append(f"{where}: unknown key {key}.{did_you_mean(loc[-1], fields)}")
             continue
         if len(loc) >= 2 and (loc[0], loc[1]) in overridden:
             place = f"--set {loc[0]}.{loc[1]}"
