@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 
@@ -62,6 +64,26 @@ def _fail(err: Exception, as_json: bool) -> None:
     raise typer.Exit(2)
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _errors(command: F) -> F:
+    """Report an FtkitError from `command` as `_fail` does (JSON when the command has --json and got it), exit 2.
+
+    functools.wraps keeps the signature typer reads the options from; typer passes every parameter
+    by name, so `as_json` is always a keyword here. typer.Exit is no FtkitError and passes through.
+    """
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except FtkitError as e:
+            _fail(e, bool(kwargs.get("as_json", False)))
+
+    return run  # type: ignore[return-value]
+
+
 def _recipes(paths: list[Path], sets: list[str] | None, check_paths: bool = True):
     from ftkit.recipe.load import load_recipes
 
@@ -76,6 +98,7 @@ def _root(version: Annotated[bool, typer.Option("--version", help="Print the ver
 
 
 @app.command()
+@_errors
 def train(
     recipes: Annotated[list[Path], typer.Argument(help="Recipe file(s). Several run as stages, each from the adapter the one before produced.")],
     backend: BackendOpt = "auto",
@@ -86,31 +109,28 @@ def train(
     as_json: JsonOpt = False,
 ) -> None:
     """Train: LoRA, DoRA, soft prompt or full fine-tuning, as the recipe says."""
-    try:
-        stages = _recipes(recipes, set_)
-        from ftkit.train.tracking import require
+    stages = _recipes(recipes, set_)
+    from ftkit.train.tracking import require
 
-        require(stages)  # a tracker in log.report_to that is not installed: said before any data or model is read
-        if dry_run:
-            from ftkit.train.prepare import prepare
-            from ftkit.train.stages import stage_dirs
+    require(stages)  # a tracker in log.report_to that is not installed: said before any data or model is read
+    if dry_run:
+        from ftkit.train.prepare import prepare
+        from ftkit.train.stages import stage_dirs
 
-            plans = []
-            for recipe, run_dir in zip(stages, stage_dirs(stages)):
-                prep = prepare(recipe, run_dir)
-                plans.append({"stage": recipe.name, "run_dir": str(run_dir), "format": prep.splits.format,
-                              "train_on": prep.splits.train_on, "examples": {k: len(getattr(prep.splits, k)) for k in ("train", "valid", "test")},
-                              **prep.schedule.as_dict()})
-            if as_json:
-                _emit({"dry_run": True, "stages": plans})
-            else:
-                _print_plans(plans)
-            return
-        from ftkit.train.stages import run_stages
+        plans = []
+        for recipe, run_dir in zip(stages, stage_dirs(stages)):
+            prep = prepare(recipe, run_dir)
+            plans.append({"stage": recipe.name, "run_dir": str(run_dir), "format": prep.splits.format,
+                          "train_on": prep.splits.train_on, "examples": {k: len(getattr(prep.splits, k)) for k in ("train", "valid", "test")},
+                          **prep.schedule.as_dict()})
+        if as_json:
+            _emit({"dry_run": True, "stages": plans})
+        else:
+            _print_plans(plans)
+        return
+    from ftkit.train.stages import run_stages
 
-        results = run_stages(stages, backend, resume=resume, quiet=as_json, stop_after=stop_after)
-    except FtkitError as e:
-        _fail(e, as_json)
+    results = run_stages(stages, backend, resume=resume, quiet=as_json, stop_after=stop_after)
     from ftkit.common.distributed import current
 
     if not current().is_main:
@@ -135,6 +155,7 @@ def train(
 
 
 @app.command()
+@_errors
 def launch(
     recipes: Annotated[list[Path], typer.Argument(help="Recipe file(s), as for `ftkit train`.")],
     nproc_per_node: Annotated[int, typer.Option("--nproc-per-node", min=1, help="Processes on this node: one per GPU.")] = 1,
@@ -158,18 +179,15 @@ def launch(
     from ftkit.common.distributed import launch_command
 
     if backend not in ("torch", "auto"):
-        _fail(FtkitError(f"--backend {backend}: ftkit launch runs the torch backend; MLX trains in one process (ftkit train)."), False)
+        raise FtkitError(f"--backend {backend}: ftkit launch runs the torch backend; MLX trains in one process (ftkit train).")
     if node_rank >= nnodes:
-        _fail(FtkitError(f"--node-rank {node_rank} is out of range for --nnodes {nnodes} (0 .. {nnodes - 1})."), False)
-    try:
-        stages = _recipes(recipes, set_)
-    except FtkitError as e:
-        _fail(e, False)
+        raise FtkitError(f"--node-rank {node_rank} is out of range for --nnodes {nnodes} (0 .. {nnodes - 1}).")
+    stages = _recipes(recipes, set_)
     total = nproc_per_node * nnodes
     for recipe in stages:
         if total > 1 and recipe.torch.distributed == "none":
-            _fail(FtkitError(f"{recipe.name}: torch.distributed = 'none' cannot use {total} processes; set torch.distributed = "
-                             "'ddp' or 'fsdp' in the recipe, or pass --set torch.distributed=fsdp."), False)
+            raise FtkitError(f"{recipe.name}: torch.distributed = 'none' cannot use {total} processes; set torch.distributed = "
+                             "'ddp' or 'fsdp' in the recipe, or pass --set torch.distributed=fsdp.")
     train_args = [str(r.resolve()) for r in recipes] + ["--backend", "torch"]
     train_args += ["--resume", resume] if resume else []
     train_args += ["--stop-after", str(stop_after)] if stop_after is not None else []
@@ -201,6 +219,7 @@ def _print_plans(plans: list[dict[str, Any]]) -> None:
 
 
 @app.command("eval")
+@_errors
 def eval_(
     recipe: Annotated[Path, typer.Argument(help="The recipe whose data (its eval.split, test by default) to evaluate on, with its \\[eval] task metrics.")],
     adapter: Annotated[Optional[Path], typer.Option(help="Adapter folder (or a full fine-tune's model folder). Without it: the base model.")] = None,
@@ -214,13 +233,10 @@ def eval_(
     """Loss, perplexity and the recipe's \\[eval] task metrics (accuracy, macro-F1, exact match ...), base vs adapter."""
     from ftkit.evaluate.evaluation import evaluate_recipe
 
-    try:
-        if split not in (None, "test", "valid", "train"):
-            raise FtkitError(f"--split {split}: choose test, valid or train.")
-        (r,) = _recipes([recipe], set_)
-        result = evaluate_recipe(r, backend, adapter, split, compare, out)
-    except FtkitError as e:
-        _fail(e, as_json)
+    if split not in (None, "test", "valid", "train"):
+        raise FtkitError(f"--split {split}: choose test, valid or train.")
+    (r,) = _recipes([recipe], set_)
+    result = evaluate_recipe(r, backend, adapter, split, compare, out)
     if as_json:
         _emit(result)
         return
@@ -265,6 +281,7 @@ def _print_eval(result: dict[str, Any]) -> None:
 
 
 @app.command()
+@_errors
 def generate(
     model: Annotated[str, typer.Option(help="Base model: local folder, .gguf file, or hub id.")],
     prompt: Annotated[Optional[str], typer.Option(help="The prompt (or build one with --loom).")] = None,
@@ -301,52 +318,49 @@ def generate(
     )
     from ftkit.evaluate.inference import open_model
 
-    try:
-        fmt = "auto" if chat and format_ == "none" else format_
-        if fmt not in ("none", *chat_formats.NAMES):
-            raise FtkitError(f"--format {fmt}: choose none, {', '.join(chat_formats.NAMES)}.")
-        if (prompt is None) == (loom is None):
-            raise FtkitError("give the prompt with --prompt, or build it with --loom (one of the two).")
-        sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, min_p=min_p,
-                            repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size).check()
-        messages = None
-        if loom is not None:
-            built = looms.build(looms.load(loom), sections, looms.parse_marker_args(marker, markers))
-            messages = built.messages()
-        elif marker or markers:
-            prompt = looms.fill(prompt, looms.parse_marker_args(marker, markers), "--prompt")
-        be, tok, _ = open_model(model, backend, adapter)
-        ids = prompt_ids(tok, fmt, prompt, messages, system)
-        stops = list(stop or []) + chat_formats.stop_strings(fmt, tok)
-        missing = chat_formats.missing_tokens(fmt, tok)
-        if missing and not as_json:
-            from ftkit.common.console import console
+    fmt = "auto" if chat and format_ == "none" else format_
+    if fmt not in ("none", *chat_formats.NAMES):
+        raise FtkitError(f"--format {fmt}: choose none, {', '.join(chat_formats.NAMES)}.")
+    if (prompt is None) == (loom is None):
+        raise FtkitError("give the prompt with --prompt, or build it with --loom (one of the two).")
+    sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, min_p=min_p,
+                        repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size).check()
+    messages = None
+    if loom is not None:
+        built = looms.build(looms.load(loom), sections, looms.parse_marker_args(marker, markers))
+        messages = built.messages()
+    elif marker or markers:
+        prompt = looms.fill(prompt, looms.parse_marker_args(marker, markers), "--prompt")
+    be, tok, _ = open_model(model, backend, adapter)
+    ids = prompt_ids(tok, fmt, prompt, messages, system)
+    stops = list(stop or []) + chat_formats.stop_strings(fmt, tok)
+    missing = chat_formats.missing_tokens(fmt, tok)
+    if missing and not as_json:
+        from ftkit.common.console import console
 
-            console().print(f"[yellow]note:[/] this tokenizer has no {', '.join(missing)} token: the {fmt} format writes "
-                            "them as ordinary text (fine if the adapter was trained so; else the model has not seen them).", highlight=False)
-        if colorize and not as_json:
-            from ftkit.common.console import console
+        console().print(f"[yellow]note:[/] this tokenizer has no {', '.join(missing)} token: the {fmt} format writes "
+                        "them as ordinary text (fine if the adapter was trained so; else the model has not seen them).", highlight=False)
+    if colorize and not as_json:
+        from ftkit.common.console import console
 
-            console().print(legend())
-        out_console = None
-        if colorize and not as_json:
-            from rich.console import Console
+        console().print(legend())
+    out_console = None
+    if colorize and not as_json:
+        from rich.console import Console
 
-            out_console = Console(file=sys.stdout, force_terminal=True, highlight=False)
+        out_console = Console(file=sys.stdout, force_terminal=True, highlight=False)
 
-        def show(parts: list[tuple[str, float]]) -> None:
-            for piece, prob in parts:
-                if out_console is not None:
-                    from rich.text import Text
+    def show(parts: list[tuple[str, float]]) -> None:
+        for piece, prob in parts:
+            if out_console is not None:
+                from rich.text import Text
 
-                    out_console.print(Text(piece, style=band_style(prob)), end="")
-                else:
-                    sys.stdout.write(piece)
-            sys.stdout.flush()
+                out_console.print(Text(piece, style=band_style(prob)), end="")
+            else:
+                sys.stdout.write(piece)
+        sys.stdout.flush()
 
-        result = complete(be, tok, ids, max_tokens, sampling, stops, on_text=None if as_json else show)
-    except FtkitError as e:
-        _fail(e, as_json)
+    result = complete(be, tok, ids, max_tokens, sampling, stops, on_text=None if as_json else show)
     if as_json:
         out = {"text": result.text, "tokens": result.tokens, "prompt_tokens": len(ids), "finish": result.finish,
                "format": fmt, "backend": be.name}
@@ -358,6 +372,7 @@ def generate(
 
 
 @app.command()
+@_errors
 def info(as_json: JsonOpt = False) -> None:
     """The detected hardware, the installed backends, and which one `auto` picks and why."""
     from ftkit.backend.hardware import detect, render
@@ -371,6 +386,7 @@ def info(as_json: JsonOpt = False) -> None:
 
 
 @app.command()
+@_errors
 def convert(
     src: Annotated[Path, typer.Argument(help="A .gguf file (llama.cpp, Ollama), a llama2.c .bin checkpoint, or (with --quantize) a model folder.")],
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default: ftkit's cache, ~/.cache/ftkit/...).")] = None,
@@ -385,18 +401,15 @@ def convert(
     from ftkit.models.convert import convert as do_convert
     from ftkit.ops.quantize import quantize_mlx
 
-    try:
-        note = None if as_json else console().print
-        if src.is_dir():
-            if quantize is None:
-                raise FtkitError(f"{src} is a model folder already; to quantize it for MLX pass --quantize 4 (or 8).")
-            folder = quantize_mlx(src, out, quantize, group_size, force)
-        elif quantize is None:
-            folder = do_convert(src, out, dtype=dtype, force=force, progress=note)
-        else:
-            folder = quantize_mlx(do_convert(src, None, dtype=dtype, force=force, progress=note), out, quantize, group_size, force)
-    except FtkitError as e:
-        _fail(e, as_json)
+    note = None if as_json else console().print
+    if src.is_dir():
+        if quantize is None:
+            raise FtkitError(f"{src} is a model folder already; to quantize it for MLX pass --quantize 4 (or 8).")
+        folder = quantize_mlx(src, out, quantize, group_size, force)
+    elif quantize is None:
+        folder = do_convert(src, out, dtype=dtype, force=force, progress=note)
+    else:
+        folder = quantize_mlx(do_convert(src, None, dtype=dtype, force=force, progress=note), out, quantize, group_size, force)
     if as_json:
         _emit({"model": str(folder), "quantized": {"bits": quantize, "group_size": group_size} if quantize else None})
     else:
@@ -404,6 +417,7 @@ def convert(
 
 
 @app.command()
+@_errors
 def fuse(
     adapter: Annotated[Path, typer.Option(help="Adapter folder (ftkit, PEFT or mlx_lm).")],
     out: Annotated[Path, typer.Option(help="Folder to write the merged model to.")],
@@ -416,10 +430,7 @@ def fuse(
     """Merge a LoRA/DoRA adapter into its base and write a plain Hugging Face model folder."""
     from ftkit.ops.fuse import fuse as do_fuse
 
-    try:
-        result = do_fuse(adapter, out, model=model, backend_name=backend, dequantize=dequantize, force=force)
-    except FtkitError as e:
-        _fail(e, as_json)
+    result = do_fuse(adapter, out, model=model, backend_name=backend, dequantize=dequantize, force=force)
     if as_json:
         _emit(result)
     else:
@@ -429,6 +440,7 @@ def fuse(
 
 
 @data_app.command("summary")
+@_errors
 def data_summary(
     recipe: Annotated[Path, typer.Argument(help="Recipe file.")],
     set_: SetOpt = None,
@@ -439,15 +451,12 @@ def data_summary(
     from ftkit.data.token_cache import load_splits
     from ftkit.models.tokenizer import load_tokenizer
 
-    try:
-        (r,) = _recipes([recipe], set_)
-        from ftkit.models.resolve import resolve_model
+    (r,) = _recipes([recipe], set_)
+    from ftkit.models.resolve import resolve_model
 
-        tok = load_tokenizer(resolve_model(r.model.path, r.model.revision), r.model.trust_remote_code)
-        splits = load_splits(r.data, tok)
-        summary = summarize(splits, r.data.max_seq_length)
-    except FtkitError as e:
-        _fail(e, as_json)
+    tok = load_tokenizer(resolve_model(r.model.path, r.model.revision), r.model.trust_remote_code)
+    splits = load_splits(r.data, tok)
+    summary = summarize(splits, r.data.max_seq_length)
     out = {"format": splits.format, "train_on": splits.train_on, "max_seq_length": r.data.max_seq_length, "splits": summary}
     if as_json:
         _emit(out)
@@ -470,6 +479,7 @@ def data_summary(
 
 
 @recipe_app.command("defaults")
+@_errors
 def recipe_defaults(as_json: JsonOpt = False) -> None:
     """Every recipe key with its default and meaning."""
     from ftkit.recipe.load import defaults_table
@@ -489,16 +499,14 @@ def recipe_defaults(as_json: JsonOpt = False) -> None:
 
 
 @recipe_app.command("check")
+@_errors
 def recipe_check(
     recipes: Annotated[list[Path], typer.Argument(help="Recipe file(s).")],
     set_: SetOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Validate recipe files (keys, types, paths, combinations) and print the resolved recipe."""
-    try:
-        stages = _recipes(recipes, set_)
-    except FtkitError as e:
-        _fail(e, as_json)
+    stages = _recipes(recipes, set_)
     if as_json:
         _emit({"ok": True, "stages": [r.to_toml_dict() for r in stages]})
     else:
@@ -507,6 +515,7 @@ def recipe_check(
 
 
 @app.command()
+@_errors
 def sweep(
     sweep_file: Annotated[Path, typer.Argument(help="A sweep TOML: [sweep] (method, metric, parameters, paired ...) and a base recipe (sweep.recipe, or its sections in the same file).")],
     resume: Annotated[bool, typer.Option("--resume", help="Skip the trials that finished; run the rest (an interrupted trial continues from its checkpoint).")] = False,
@@ -521,22 +530,19 @@ def sweep(
     from ftkit.common.console import console
     from ftkit.ops import sweep as sweeps
 
-    try:
-        spec = sweeps.load_sweep(sweep_file, {"parallel": parallel, "output_dir": str(out.resolve()) if out else None, "backend": backend},
-                                need_space=not wandb_agent)
-        if wandb_agent:
-            import importlib.util
+    spec = sweeps.load_sweep(sweep_file, {"parallel": parallel, "output_dir": str(out.resolve()) if out else None, "backend": backend},
+                            need_space=not wandb_agent)
+    if wandb_agent:
+        import importlib.util
 
-            from ftkit.train.tracking import PACKAGES
+        from ftkit.train.tracking import PACKAGES
 
-            if importlib.util.find_spec("wandb") is None:
-                raise FtkitError(f"--wandb-agent needs the wandb package: {PACKAGES['wandb'][1]}")
-            sweeps.run_wandb_agent(spec, wandb_agent, count)
-            return
-        say = (lambda _m: None) if as_json else (lambda m: console().print(m, highlight=False))
-        ranked = sweeps.run(spec, resume=resume, say=say)
-    except FtkitError as e:
-        _fail(e, as_json)
+        if importlib.util.find_spec("wandb") is None:
+            raise FtkitError(f"--wandb-agent needs the wandb package: {PACKAGES['wandb'][1]}")
+        sweeps.run_wandb_agent(spec, wandb_agent, count)
+        return
+    say = (lambda _m: None) if as_json else (lambda m: console().print(m, highlight=False))
+    ranked = sweeps.run(spec, resume=resume, say=say)
     if as_json:
         _emit(json.loads((spec.output_dir / sweeps.RESULTS_JSON).read_text()))
         return
@@ -547,6 +553,7 @@ def sweep(
 
 
 @app.command()
+@_errors
 def export(
     src: Annotated[Path, typer.Argument(help="An adapter folder (ftkit, PEFT or mlx_lm; or a hub id), or with --merged also a fused model folder.")],
     format: Annotated[str, typer.Option("--format", help="gguf: for llama.cpp and Ollama.")] = "gguf",
@@ -561,15 +568,12 @@ def export(
     """Write an adapter as a GGUF LoRA (llama.cpp --lora, Ollama ADAPTER), or with --merged the fused model as GGUF."""
     from ftkit.ops import export_gguf
 
-    try:
-        if format != "gguf":
-            raise FtkitError(f"--format {format}: ftkit exports gguf (for safetensors, the adapter folder is PEFT's format already; `ftkit fuse` writes a fused model folder).")
-        if merged:
-            result = export_gguf.export_merged(src, out, model=model, outtype=outtype or "f16", backend=backend, force=force)
-        else:
-            result = export_gguf.export_lora(src, out, model=model, outtype=outtype or "f32", force=force)
-    except FtkitError as e:
-        _fail(e, as_json)
+    if format != "gguf":
+        raise FtkitError(f"--format {format}: ftkit exports gguf (for safetensors, the adapter folder is PEFT's format already; `ftkit fuse` writes a fused model folder).")
+    if merged:
+        result = export_gguf.export_merged(src, out, model=model, outtype=outtype or "f16", backend=backend, force=force)
+    else:
+        result = export_gguf.export_lora(src, out, model=model, outtype=outtype or "f32", force=force)
     if as_json:
         _emit(result)
         return
@@ -582,6 +586,7 @@ def export(
 
 
 @app.command()
+@_errors
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A run folder (a recipe's output.dir): metrics.jsonl, recipe.toml ...")],
     out: Annotated[Optional[Path], typer.Option("--out", help="The HTML file (default: RUN_DIR/report.html).")] = None,
@@ -590,10 +595,7 @@ def report(
     """Write one self-contained HTML page about a run: loss curves, learning rate, eval metrics, recipe, hardware, timings."""
     from ftkit.ops.report import write
 
-    try:
-        page = write(run_dir, out)
-    except FtkitError as e:
-        _fail(e, as_json)
+    page = write(run_dir, out)
     if as_json:
         _emit({"report": str(page), "bytes": page.stat().st_size})
     else:
@@ -603,6 +605,7 @@ def report(
 
 
 @app.command()
+@_errors
 def push(
     src: Annotated[Path, typer.Argument(help="An adapter folder, a fused model folder, or a run folder (its adapter/ is pushed).")],
     repo: Annotated[str, typer.Option("--repo", help="The hub repository, user/name or org/name (created if missing).")],
@@ -615,10 +618,7 @@ def push(
     """Upload an adapter (or a fused model) to the Hugging Face hub with a generated model card. The token: HF_TOKEN or `hf auth login`."""
     from ftkit.ops.publish import push as do_push
 
-    try:
-        result = do_push(src, repo, private=private, base_model=base_model, message=message, revision=revision)
-    except FtkitError as e:
-        _fail(e, as_json)
+    result = do_push(src, repo, private=private, base_model=base_model, message=message, revision=revision)
     if as_json:
         _emit(result)
     else:

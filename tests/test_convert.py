@@ -18,8 +18,8 @@ from builders import STORIES
 
 from ftkit.common.errors import FtkitError
 from ftkit.models import convert as conv
-from ftkit.models.gguf import _set_rope_theta
-from ftkit.models.llama2c import _convert_llama2c, _interleaved_to_halves
+from ftkit.models.gguf import set_rope_theta
+from ftkit.models.llama2c import convert_llama2c, _interleaved_to_halves
 from ftkit.models.resolve import resolve_model
 
 torch = pytest.importorskip("torch")
@@ -45,13 +45,13 @@ def stories_copy(tmp_path) -> Path:
 def counted(monkeypatch):
     """Counts real llama2.c conversions."""
     calls = []
-    real = _convert_llama2c
+    real = convert_llama2c
 
     def wrapper(*args, **kwargs):
         calls.append(args[0])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(conv, "_convert_llama2c", wrapper)
+    monkeypatch.setattr(conv, "convert_llama2c", wrapper)
     return calls
 
 
@@ -117,7 +117,7 @@ def test_interleaved_to_halves_is_hf_permute():
 def test_second_convert_reuses_the_folder(stories_copy, tmp_path, monkeypatch, counted):
     out = conv.convert(stories_copy, tmp_path / "out")
     marker = (out / conv.MARKER).stat().st_mtime_ns
-    monkeypatch.setattr(conv, "_convert_llama2c", _refuse)
+    monkeypatch.setattr(conv, "convert_llama2c", _refuse)
     assert conv.convert(stories_copy, tmp_path / "out") == out
     assert (out / conv.MARKER).stat().st_mtime_ns == marker
     assert len(counted) == 1
@@ -133,7 +133,7 @@ def test_force_reconverts_and_a_failed_redo_keeps_the_old_folder(stories_copy, t
         (dest / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(conv, "_convert_llama2c", crash)
+    monkeypatch.setattr(conv, "convert_llama2c", crash)
     with pytest.raises(KeyboardInterrupt):
         conv.convert(stories_copy, out, force=True)
     assert conv._is_complete(out, json.loads((out / conv.MARKER).read_text()))
@@ -160,7 +160,7 @@ def test_interrupted_conversion_leaves_nothing(stories_copy, tmp_path, monkeypat
         (dest / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(conv, "_convert_llama2c", crash)
+    monkeypatch.setattr(conv, "convert_llama2c", crash)
     with pytest.raises(KeyboardInterrupt):
         conv.convert(stories_copy, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
@@ -395,12 +395,12 @@ def test_gguf_conversion_matches_the_source_model(tmp_path, monkeypatch, tied, f
 
 def test_set_rope_theta_restores_a_lost_base():
     cfg = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
-    fixes = _set_rope_theta(cfg, 100000.0)
+    fixes = set_rope_theta(cfg, 100000.0)
     assert cfg == {"rope_theta": 100000.0, "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0}}
     assert len(fixes) == 2
-    assert _set_rope_theta(cfg, 100000.0) == []
+    assert set_rope_theta(cfg, 100000.0) == []
     per_layer = {"rope_parameters": {"full_attention": {"rope_theta": 1e6}, "sliding_attention": {"rope_theta": 1e4}}}
-    _set_rope_theta(per_layer, 1e6)
+    set_rope_theta(per_layer, 1e6)
     assert per_layer["rope_parameters"]["sliding_attention"]["rope_theta"] == 1e4
 
 

@@ -70,3 +70,9 @@ class Backend(Protocol):
 
     def load_state(self, src: Path) -> None:
         """Restore what `save_state` wrote."""
+
+    def quantize_folder(self, src: Path, dest: Path, bits: int, group_size: int) -> None:
+        """Write the model folder `src` to the empty folder `dest`, weights quantized in this backend's
+        on-disk format (`bits` per weight, one scale per `group_size`), tokenizer files copied. Needs no
+        `load`: `ftkit convert --quantize` calls it on a fresh backend. A backend that quantizes only at
+        load time (`model.quantize`) raises FtkitError saying so."""

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from ftkit.common.errors import DataError, FtkitError
 from ftkit.data import chat_formats
 from ftkit.data.batch import Example, Splits
-from ftkit.data.mapping import _read_parts
+from ftkit.data.mapping import read_parts
 from ftkit.data.rows import SPLITS, detect_format
 
 if TYPE_CHECKING:
@@ -267,7 +267,7 @@ def _assistant_spans_by_offsets(tokenizer: Any, messages: list[dict], text: str,
 
 
 def tokenize_splits(data: "DataSection", tokenizer: Any) -> Splits:
-    parts = _read_parts(data)
+    parts = read_parts(data)
     fmt = detect_format(parts["train"].rows, data, parts["train"].source)
     train_on = resolve_train_on(data.train_on, fmt, data.response_template)
     if fmt == "text" and train_on == "completion" and not data.response_template:

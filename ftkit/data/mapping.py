@@ -36,8 +36,7 @@ if TYPE_CHECKING:
 
 from ftkit.common.console import console
 from ftkit.common.hub import looks_like_hub_id
-from ftkit.data import mapping
-from ftkit.data.rows import SPLITS, _Part, _read_source, detect_format, holdout_order
+from ftkit.data.rows import SPLITS, Part, read_source, detect_format, holdout_order
 from ftkit.recipe.tasks import source_section
 
 if TYPE_CHECKING:
@@ -362,24 +361,24 @@ def apply(parts: dict, data: "DataSection", pairs: bool = False, names_from: Any
             keep = sorted(holdout_order(len(rows), data.split_seed)[:n])
             rows, where = [rows[i] for i in keep], [where[i] for i in keep]
             source = f"{part.source} (a sample of {n}, seed {data.split_seed})"
-        out[split] = _Part(rows, where, source)
+        out[split] = Part(rows, where, source)
     return out
 
 
-def read_mix(data: "DataSection", read_raw: Callable[["DataSection"], dict]) -> dict:
+def read_mix(data: "DataSection") -> dict:
     """data's own rows and every [[data.mix]] source's, each mapped with its own keys, split by split."""
 
     sources = [data.model_copy(update={"mix": []})] + [source_section(data, m) for m in data.mix]
-    merged = {split: _Part([], [], "(none)") for split in SPLITS}
+    merged = {split: Part([], [], "(none)") for split in SPLITS}
     formats = {}
     for spec in sources:
-        parts = apply(read_raw(spec), spec, pairs=True, names_from=data)
+        parts = apply(read_source(spec), spec, pairs=True, names_from=data)
         if parts["train"].rows:
             formats[spec.name or "data"] = detect_format(parts["train"].rows, data, parts["train"].source)
         for split in SPLITS:
             a, b = merged[split], parts[split]
             source = "; ".join(x for x in (a.source, b.source) if x != "(none)") or "(none)"
-            merged[split] = _Part(a.rows + b.rows, a.where + b.where, source)
+            merged[split] = Part(a.rows + b.rows, a.where + b.where, source)
     if len(set(formats.values())) > 1:
         listed = ", ".join(f"{k}: {v}" for k, v in formats.items())
         raise DataError(f"data.mix: the sources map to different formats ({listed}); give each a prompt_template "
@@ -390,13 +389,13 @@ def read_mix(data: "DataSection", read_raw: Callable[["DataSection"], dict]) -> 
 
 def read_rows(data: "DataSection") -> dict[str, list[dict]]:
     """Split name ("train", "valid", "test") -> raw rows; missing splits are carved out of train or empty."""
-    return {name: part.rows for name, part in _read_parts(data).items()}
+    return {name: part.rows for name, part in read_parts(data).items()}
 
 
-def _read_parts(data: "DataSection") -> dict[str, _Part]:
+def read_parts(data: "DataSection") -> dict[str, Part]:
     """Every split's rows, mapped into ftkit's formats by the recipe's column mapping (ftkit.mapping),
     and with data.mix: every source's, mixed."""
 
     if data.mix:
-        return mapping.read_mix(data, _read_source)
-    return mapping.apply(_read_source(data), data)
+        return read_mix(data)
+    return apply(read_source(data), data)

@@ -40,24 +40,24 @@ _SPLIT_FILE = re.compile(r"^(train|valid|validation|dev|val|test)(-.+)?$", re.IG
 
 
 @dataclass
-class _Part:
+class Part:
     """One split's raw rows, each with the place an error message should name."""
 
     rows: list[dict]
     where: list[str]
     source: str
 
-    def subset(self, idx: list[int], source: str) -> "_Part":
-        return _Part([self.rows[i] for i in idx], [self.where[i] for i in idx], source)
+    def subset(self, idx: list[int], source: str) -> "Part":
+        return Part([self.rows[i] for i in idx], [self.where[i] for i in idx], source)
 
 
-def _read_source(data: "DataSection") -> dict[str, _Part]:
+def read_source(data: "DataSection") -> dict[str, Part]:
     path = Path(data.path).expanduser()
     if path.is_dir():
         parts = _read_folder(path)
     elif path.is_file():
         rows, where = _read_file(path)
-        parts = {"train": _Part(rows, where, str(path))}
+        parts = {"train": Part(rows, where, str(path))}
     elif looks_like_hub_id(data.path):
         parts = _read_hub(data)
     else:
@@ -67,7 +67,7 @@ def _read_source(data: "DataSection") -> dict[str, _Part]:
     return _hold_out(parts, data)
 
 
-def _read_folder(folder: Path) -> dict[str, _Part]:
+def _read_folder(folder: Path) -> dict[str, Part]:
     files: dict[str, list[Path]] = {}
     for p in sorted(folder.iterdir()):
         m = _SPLIT_FILE.match(p.stem)
@@ -90,7 +90,7 @@ def _read_folder(folder: Path) -> dict[str, _Part]:
             r, w = _read_file(p)
             rows += r
             where += w
-        parts[split] = _Part(rows, where, "; ".join(str(p) for p in paths))
+        parts[split] = Part(rows, where, "; ".join(str(p) for p in paths))
     return parts
 
 
@@ -167,7 +167,7 @@ def _read_parquet(path: Path) -> tuple[list[dict], list[str]]:
     return rows, [f"{path} row {i}" for i in range(1, len(rows) + 1)]
 
 
-def _read_hub(data: "DataSection") -> dict[str, _Part]:
+def _read_hub(data: "DataSection") -> dict[str, Part]:
     name = data.path + (f" ({data.subset})" if data.subset else "")
     try:
         from datasets import load_dataset
@@ -177,14 +177,14 @@ def _read_hub(data: "DataSection") -> dict[str, _Part]:
         ds = load_dataset(data.path, data.subset)
     except Exception as e:  # hub, network and builder errors come in many types; the message is what helps
         raise DataError(f"{name}: could not load it with datasets.load_dataset: {e}") from None
-    parts: dict[str, _Part] = {}
+    parts: dict[str, Part] = {}
     for hub_split in ds:
         split = SPLIT_NAMES.get(hub_split.lower())
         if split is None or split in parts:
             continue
         source = f"{name}[{hub_split}]"
         rows = ds[hub_split].to_list()
-        parts[split] = _Part(rows, [f"{source} row {i}" for i in range(1, len(rows) + 1)], source)
+        parts[split] = Part(rows, [f"{source} row {i}" for i in range(1, len(rows) + 1)], source)
     if "train" not in parts:
         raise DataError(f"{name}: no train split among {list(ds)}.")
     return parts
@@ -198,7 +198,7 @@ def holdout_order(n: int, seed: int) -> list[int]:
     return sorted(range(n), key=lambda i: hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest())
 
 
-def _hold_out(parts: dict[str, _Part], data: "DataSection") -> dict[str, _Part]:
+def _hold_out(parts: dict[str, Part], data: "DataSection") -> dict[str, Part]:
     """Carve the missing valid (and, if asked, test) split out of train; other missing splits are empty."""
     train = parts["train"]
     n = len(train.rows)
@@ -220,7 +220,7 @@ def _hold_out(parts: dict[str, _Part], data: "DataSection") -> dict[str, _Part]:
             held.append(split)
         parts["train"] = train.subset(sorted(order[start:]), f"{train.source} (rest after holding out {' and '.join(held)})")
     for split in SPLITS:
-        parts.setdefault(split, _Part([], [], "(none)"))
+        parts.setdefault(split, Part([], [], "(none)"))
     return parts
 
 

@@ -26,7 +26,6 @@ import numpy as np
 from ftkit.common.fingerprints import fingerprint_tokenizer
 from ftkit.common.hub import looks_like_hub_id
 from ftkit.common.paths import cache_root
-from ftkit.data import token_cache
 from ftkit.data.batch import Example, Splits
 from ftkit.data.encode import tokenize_splits
 from ftkit.data.rows import SPLITS
@@ -166,4 +165,4 @@ def load_splits(data: "DataSection", tokenizer: Any) -> Splits:
     if not data.cache:
         return tokenize_splits(data, tokenizer)
 
-    return token_cache.load(data, tokenizer, tokenize_splits)
+    return load(data, tokenizer, tokenize_splits)

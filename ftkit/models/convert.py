@@ -29,8 +29,8 @@ from ftkit import __version__
 from ftkit.common.atomic import atomic_dir
 from ftkit.common.errors import FtkitError
 from ftkit.common.paths import cache_root
-from ftkit.models.gguf import _convert_gguf
-from ftkit.models.llama2c import _convert_llama2c, _llama2c_layout
+from ftkit.models.gguf import convert_gguf
+from ftkit.models.llama2c import convert_llama2c, llama2c_layout
 
 MARKER = "ftkit_convert.json"
 
@@ -76,12 +76,12 @@ def convert(
     source = Path(src).expanduser().resolve()
     if not source.is_file():
         raise FtkitError(f"{src}: no such file.")
-    kind = _source_kind(source)
+    kind = source_kind(source)
     if kind is None:
         raise FtkitError(f"{src}: not a GGUF file or a llama2.c .bin checkpoint, so ftkit cannot convert it.")
     tok_file = None
     if kind == "llama2c":
-        _llama2c_layout(source)  # a wrong file should say so, not ask for a tokenizer
+        llama2c_layout(source)  # a wrong file should say so, not ask for a tokenizer
         tok_file = _find_tokenizer(source, tokenizer)
     resolved_dtype = _resolve_dtype(dtype, kind)
     expect: dict[str, Any] = {
@@ -104,10 +104,10 @@ def convert(
     try:
         with atomic_dir(dest) as tmp:
             if kind == "gguf":
-                fixes = _convert_gguf(source, tmp, resolved_dtype, note)
+                fixes = convert_gguf(source, tmp, resolved_dtype, note)
             else:
                 assert tok_file is not None
-                fixes = _convert_llama2c(source, tok_file, tmp, resolved_dtype, note)
+                fixes = convert_llama2c(source, tok_file, tmp, resolved_dtype, note)
             record = dict(expect, ftkit_version=__version__, fixes=fixes)
             # Written last, so only a folder with every other file in it has one.
             (tmp / MARKER).write_text(json.dumps(record, indent=2) + "\n")
@@ -119,7 +119,7 @@ def convert(
     return dest
 
 
-def _source_kind(path: Path) -> str | None:
+def source_kind(path: Path) -> str | None:
     with open(path, "rb") as f:
         head = f.read(4)
     if head == b"GGUF":

@@ -62,7 +62,7 @@ def _gguf_load_kwargs(torch_dtype: Any) -> dict[str, Any]:
     return kwargs
 
 
-def _convert_gguf(source: Path, dest: Path, dtype: str, note: Callable[[str], None]) -> list[str]:
+def convert_gguf(source: Path, dest: Path, dtype: str, note: Callable[[str], None]) -> list[str]:
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -126,7 +126,7 @@ def _fix_gguf_folder(dest: Path, meta: dict[str, Any], tensors: set[str], tok: A
 
     base = meta.get(f"{arch}.rope.freq_base")
     if base is not None:
-        fixes += _set_rope_theta(cfg, float(base))
+        fixes += set_rope_theta(cfg, float(base))
 
     from safetensors import safe_open
 
@@ -175,7 +175,7 @@ def _fix_gguf_folder(dest: Path, meta: dict[str, Any], tensors: set[str], tok: A
     return fixes
 
 
-def _set_rope_theta(cfg: dict[str, Any], theta: float) -> list[str]:
+def set_rope_theta(cfg: dict[str, Any], theta: float) -> list[str]:
     """Put the RoPE base where every reader looks for it.
 
     transformers 5 writes it only inside `rope_parameters`; transformers 4 and mlx-lm's llama read the

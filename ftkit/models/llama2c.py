@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from ftkit.common.errors import FtkitError
-from ftkit.models.gguf import _set_rope_theta
+from ftkit.models.gguf import set_rope_theta
 
 _LLAMA2C_MAGIC = 0x616B3432  # "ak42": llama2.c's versioned exports, whose layout differs from v0
 
 
-def _llama2c_layout(path: Path) -> tuple[dict[str, Any], list[tuple[str, tuple[int, ...]]]]:
+def llama2c_layout(path: Path) -> tuple[dict[str, Any], list[tuple[str, tuple[int, ...]]]]:
     """The header and the array shapes of a llama2.c legacy (version 0) checkpoint; checks the file size.
 
     Layout: 7 int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len), then
@@ -77,7 +77,7 @@ def _llama2c_layout(path: Path) -> tuple[dict[str, Any], list[tuple[str, tuple[i
 def _read_llama2c(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     import numpy as np
 
-    header, shapes = _llama2c_layout(path)
+    header, shapes = llama2c_layout(path)
     count = sum(math.prod(shape) for _, shape in shapes)
     flat = np.fromfile(path, dtype="<f4", offset=28, count=count)
     arrays, at = {}, 0
@@ -120,7 +120,7 @@ def _rope_theta_of(freq_cos: Any, freq_sin: Any, head: int) -> float:
     raise FtkitError("the checkpoint's RoPE tables match no RoPE base; is this a llama2.c checkpoint?")
 
 
-def _convert_llama2c(source: Path, tok_file: Path, dest: Path, dtype: str, note: Callable[[str], None]) -> list[str]:
+def convert_llama2c(source: Path, tok_file: Path, dest: Path, dtype: str, note: Callable[[str], None]) -> list[str]:
     import numpy as np
     import torch
     import transformers
@@ -193,6 +193,6 @@ def _convert_llama2c(source: Path, tok_file: Path, dest: Path, dtype: str, note:
 
     cfg_path = dest / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    _set_rope_theta(cfg, theta)  # not a fix: transformers 5 just keeps it where mlx-lm does not look
+    set_rope_theta(cfg, theta)  # not a fix: transformers 5 just keeps it where mlx-lm does not look
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return []

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ftkit.common.errors import FtkitError
 from ftkit.common.hub import looks_like_hub_id, snapshot
-from ftkit.models.convert import _source_kind, convert
+from ftkit.models.convert import source_kind, convert
 
 
 def resolve_model(path: str, revision: str | None = None) -> Path:
@@ -20,7 +20,7 @@ def resolve_model(path: str, revision: str | None = None) -> Path:
             return convert(ggufs[0])
         return local
     if local.is_file():
-        if _source_kind(local) is None:
+        if source_kind(local) is None:
             raise FtkitError(
                 f"{path}: ftkit loads a Hugging Face model folder, a .gguf file or a llama2.c .bin "
                 f"checkpoint; this file is none of those."

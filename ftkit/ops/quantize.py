@@ -6,7 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from ftkit.backend.registry import BACKENDS, installed
+from ftkit.backend.registry import BACKENDS, get_backend, installed
 from ftkit.common.atomic import atomic_dir
 from ftkit.common.errors import BackendUnavailable, FtkitError
 from ftkit.common.paths import cache_root
@@ -14,8 +14,6 @@ from ftkit.common.paths import cache_root
 
 def quantize_mlx(src: Path, out: Path | None, bits: int, group_size: int = 64, force: bool = False) -> Path:
     """`src` (a model folder) quantized in MLX's format, for the MLX backend's QLoRA. Needs mlx."""
-    import importlib
-
     if bits not in (2, 3, 4, 5, 6, 8):
         raise FtkitError(f"--quantize {bits}: MLX quantizes to 2, 3, 4, 5, 6 or 8 bits.")
     if not installed("mlx"):
@@ -32,7 +30,7 @@ def quantize_mlx(src: Path, out: Path | None, bits: int, group_size: int = 64, f
         if (q.get("bits"), q.get("group_size")) == (bits, group_size):
             return dest
         raise FtkitError(f"{dest}: already holds a model; pass --force to replace it, or choose another --out.")
-    model_io = importlib.import_module("ftkit_mlx.model_io")
+    backend = get_backend("mlx")  # constructing one loads no model
     with atomic_dir(dest) as tmp:
-        model_io.quantize_folder(src, tmp, bits, group_size)
+        backend.quantize_folder(src, tmp, bits, group_size)
     return dest

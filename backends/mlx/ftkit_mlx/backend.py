@@ -300,3 +300,6 @@ class MlxBackend:
         self.optimizer.init(self.tuned.trainable_parameters())
         self.optimizer.state = tree_unflatten(list(state.items()))
         self._reseed()
+
+    def quantize_folder(self, src: Path, dest: Path, bits: int, group_size: int) -> None:
+        model_io.quantize_folder(src, dest, bits, group_size)

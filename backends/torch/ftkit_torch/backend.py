@@ -459,3 +459,11 @@ class TorchBackend:
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
         if self.scaler and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
+
+    def quantize_folder(self, src: Path, dest: Path, bits: int, group_size: int) -> None:
+        # bitsandbytes quantizes as the model loads; there is no quantized folder format to write
+        raise FtkitError(
+            f"{src}: the torch backend writes no quantized model folder; it quantizes at load time: set "
+            'model.quantize = "nf4", "fp4" or "int8" in the recipe and keep the folder as it is. '
+            "`ftkit convert --quantize` writes MLX's quantized format and needs the MLX backend."
+        )
