@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+import tomli_w
+
 REPO = Path(__file__).resolve().parents[1]
 # The core and both backends' folders, for subprocesses started with a clean environment.
 PYTHONPATH = os.pathsep.join(str(p) for p in (REPO, REPO / "backends" / "torch", REPO / "backends" / "mlx"))
@@ -85,12 +87,8 @@ def recipe_file(tmp_path: Path, model: Path, data: Path, /, name: str = "r", **s
     }
     for section, values in sections.items():
         body.setdefault(section, {}).update(values)
-    lines = []
-    for section, values in body.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
     p = tmp_path / f"{name}.toml"
-    p.write_text("\n".join(lines) + "\n")
+    p.write_text(tomli_w.dumps(body), encoding="utf-8")  # tomli-w: any character, the emoji too, reads back
     return p
 
 

@@ -129,3 +129,38 @@ def test_report_plots_task_metrics_nested_or_not(tmp_path):
     parser.feed(page)
     assert {"plot-valid-accuracy", "plot-valid-tasks-sst2-f1"} <= set(parser.figures)
     assert "0.6000" in page and "stopped at step 2" in page  # the f1 at step 2; no final_state.json
+
+
+def logged_run(run_dir):
+    from ftkit.train.metrics import MetricsLog
+
+    with MetricsLog(run_dir) as log:
+        log.log({"step": 0, "kind": "run", "backend": "torch", "device": "cpu", "hardware": {"cpu": "x"}})
+        log.log({"step": 1, "kind": "train", "loss": 2.0, "lr": 1e-4})
+        log.log({"step": 1, "kind": "valid", "loss": 1.5})
+    return run_dir
+
+
+def test_report_reads_a_recipe_with_characters_outside_the_bmp(tmp_path):
+    """An emoji in a template: the recipe.toml ftkit train writes (Recipe.to_toml) is read back and shown."""
+    import tomllib
+
+    from ftkit.ops.report import build
+    from ftkit.recipe.schema import Recipe
+
+    recipe = Recipe.model_validate({"name": "smile", "model": {"path": "m"},
+                                    "data": {"path": "d", "prompt_template": "🙂 {question}", "text_template": "𝄞 {text}"}})
+    text = recipe.to_toml()
+    assert "\\ud83d" not in text.lower() and tomllib.loads(text)["data"]["prompt_template"] == "🙂 {question}"
+    (logged_run(tmp_path) / "recipe.toml").write_bytes(text.encode("utf-8"))
+    page = build(tmp_path)
+    assert "🙂 {question}" in page and "𝄞 {text}" in page and "ftkit run: smile" in page  # the name read from the recipe
+
+
+def test_report_of_a_run_with_a_broken_recipe_names_the_file(tmp_path):
+    from ftkit.common.errors import FtkitError
+    from ftkit.ops.report import build
+
+    (logged_run(tmp_path) / "recipe.toml").write_text('[data]\nprompt_template = "\\ud83d\\ude42 {question}"\n')
+    with pytest.raises(FtkitError, match=r"recipe\.toml: not valid TOML"):
+        build(tmp_path)

@@ -8,8 +8,11 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import tomli_w
+import tomllib
 from builders import PYTHONPATH, REPO, recipe_file
 
 from ftkit.common.errors import FtkitError, RecipeError
@@ -55,11 +58,50 @@ def test_grid_random_and_paired_points(tmp_path, tiny_model_dir, small_data):
     ('[[sweep.paired]]\n"method.rank" = [2, 4]\n"method.alpha" = [4]\n', "all of one length"),
     ('metric = "loss"\n[sweep.parameters]\n"train.lr" = [1e-3]\n', "KIND.KEY"),
     ('[sweep.parameters]\n"lr" = [1e-3]\n', "SECTION.KEY"),
+    ('trails = 8\n[sweep.parameters]\n"train.lr" = [1e-3]\n', r"unknown key sweep\.trails\. Did you mean 'trials'\?"),
+    ('method = "random"\ntrials = 2\n[sweep.parameters]\n"train.lr" = { min = 1e-4, max = 1e-3, distrbution = "log_uniform" }\n',
+     r"sweep\.parameters\.\"train\.lr\"\.distrbution\. Did you mean 'distribution'\?"),
+    ('method = "random"\ntrials = 2\n[sweep.parameters]\n"train.lr" = { min = 0.0, max = 1e-3, distribution = "log_uniform" }\n',
+     "log_uniform needs min > 0"),
+    ('method = "random"\ntrials = 2\n[sweep.parameters]\n"train.lr" = { min = 1e-3, max = 1e-4 }\n', "needs min <= max"),
+    ('method = "random"\ntrials = 2\n[sweep.parameters]\n"train.lr" = { min = 0, max = 1, distribution = "normal" }\n',
+     r"distribution: Input should be 'uniform', 'log_uniform' or 'int_uniform' \(got 'normal'\)"),
+    ('[sweep.parameters]\n"train.lr" = 1e-3\n', r"\"train\.lr\": give a list of values"),
+    ('[sweep.parameters]\n"train.lr" = []\n', r"\"train\.lr\": List should have at least 1 item"),
+    ('goal = "min"\n[sweep.parameters]\n"train.lr" = [1e-3]\n', r"sweep\.goal: Input should be 'minimize' or 'maximize'"),
+    ('method = "bayes"\n[sweep.parameters]\n"train.lr" = [1e-3]\n', "--wandb-agent"),
+    ('trials = "8"\nmethod = "random"\n[sweep.parameters]\n"train.lr" = [1e-3]\n', r"sweep\.trials: Input should be a valid integer"),
+    ('[sweep.parameters]\n"train.lr" = [1e-3]\n[[sweep.paired]]\n"train.lr" = [1e-3]\n', "both in sweep.parameters and in sweep.paired"),
+    ('[sweep.parameters]\n', "no parameters"),
 ])
 def test_bad_sweep_files_are_refused(tmp_path, tiny_model_dir, small_data, body, message):
     base = recipe_file(tmp_path, tiny_model_dir, small_data, "base")
-    with pytest.raises(RecipeError, match=message):
-        sweeps.load_sweep(sweep_file(tmp_path, base, body))
+    path = sweep_file(tmp_path, base, body)
+    with pytest.raises(RecipeError, match=message) as e:
+        sweeps.load_sweep(path)
+    assert all(p.startswith(str(path)) for p in e.value.problems)  # each problem names the sweep file
+
+
+def test_every_problem_of_a_sweep_file_is_reported_at_once(tmp_path, tiny_model_dir, small_data):
+    base = recipe_file(tmp_path, tiny_model_dir, small_data, "base")
+    path = sweep_file(tmp_path, base, 'summary = "mean"\nparallel = 0\n[sweep.parameters]\nlr = [1]\n"train.warmup" = 3\n')
+    with pytest.raises(RecipeError) as e:
+        sweeps.load_sweep(path, {"backend": "tpu"})
+    keys = ["sweep.summary", "sweep.parallel", "sweep.parameters.lr", 'sweep.parameters."train.warmup"', "sweep.backend"]
+    assert len(e.value.problems) == len(keys) and all(any(k in p for p in e.value.problems) for k in keys), e.value.problems
+    assert any("(--backend)" in p for p in e.value.problems)  # a value from the command line says so
+
+
+def test_sweep_settings_and_their_defaults(tmp_path, tiny_model_dir, small_data):
+    base = recipe_file(tmp_path, tiny_model_dir, small_data, "base")
+    spec = sweeps.load_sweep(sweep_file(tmp_path, base, '[sweep.parameters]\n"train.lr" = { values = [1e-3, 2e-3] }\n'))
+    assert (spec.method, spec.metric, spec.goal, spec.summary, spec.parallel, spec.backend, spec.gpus, spec.seed) == (
+        "grid", "valid.loss", "minimize", "last", 1, "auto", None, 0)
+    assert spec.parameters == {"train.lr": [1e-3, 2e-3]} and spec.output_dir == (Path.cwd() / "runs" / "lr").resolve()
+    one = sweeps.load_sweep(sweep_file(tmp_path, base, 'gpus = "0, 2"\noutput_dir = "out"\n[sweep.paired]\n"method.rank" = [2, 4]\n'
+                                                       '"method.alpha" = [4, 8]\n'))
+    assert one.gpus == ["0", "2"] and one.output_dir == (tmp_path / "out").resolve()  # relative to the sweep file
+    assert one.paired == [{"method.rank": [2, 4], "method.alpha": [4, 8]}]  # one [sweep.paired] table is one group
 
 
 def test_a_bad_trial_value_is_refused_before_any_trial_runs(tmp_path, tiny_model_dir, small_data):
@@ -146,7 +188,7 @@ def test_wandb_agent_function_trains_with_the_sweeps_values(tmp_path, tiny_model
         "from wandb.sdk.lib import config_util\n"
         f"config_util.save_config_file_from_dict({str(params)!r}, {{'train.lr': {{'value': 0.005}}, 'method': {{'value': {{'rank': 2}}}}}})\n"
         f"os.environ.update(WANDB_MODE='offline', WANDB_SWEEP_ID='abc', WANDB_RUN_ID='run42', WANDB_SWEEP_PARAM_PATH={str(params)!r})\n"
-        "from ftkit import sweep\n"
+        "from ftkit.ops import sweep\n"
         "spec = sweep.load_sweep(sys.argv[1], need_space=False); spec.backend = 'torch'\n"
         "print(json.dumps(sweep.agent_trial(spec)))\n"
     )
@@ -192,3 +234,33 @@ def test_run_metrics_last_or_best_and_nested_task_metrics(tmp_path):
     assert last["valid.loss"] == 1.5 and last["valid.tasks.sst2.f1"] == 0.5
     assert sweeps.run_metrics(tmp_path, "best", "minimize")["valid.loss"] == 1.0
     assert sweeps.run_metrics(tmp_path, "best", "maximize")["valid.tasks.sst2.f1"] == 0.6
+
+
+@pytest.mark.slow
+def test_a_sweep_over_a_recipe_with_an_emoji_runs_and_reports(tmp_path, tiny_model_dir, small_data):
+    """A character outside the Basic Multilingual Plane in a template: every file ftkit writes is TOML that
+    tomllib reads back (no surrogate escapes), so each trial loads and trains and `ftkit report` reads the run."""
+    template = "🙂 {text}"
+    recipe = tomllib.loads(recipe_file(tmp_path, tiny_model_dir, small_data, "plain",
+                                       train={"iters": 2, "steps_per_eval": 2, "save_every": 2, "val_batches": 1}).read_text())
+    recipe["data"]["text_template"] = template
+    base = tmp_path / "base.toml"  # tomli_w, not builders.recipe_file: its json.dumps writes the emoji as surrogates
+    base.write_text(tomli_w.dumps(recipe), encoding="utf-8")
+    sf = sweep_file(tmp_path, base, '[sweep.parameters]\n"train.lr" = [1e-3, 1e-2]\n')
+    out = tmp_path / "emoji-sweep"
+    done = subprocess.run([sys.executable, "-m", "ftkit.cli", "sweep", str(sf), "--out", str(out), "--backend", "torch", "--json"],
+                          capture_output=True, text=True, env=env(tmp_path), timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    trials = json.loads(done.stdout)["trials"]
+    assert len(trials) == 2 and all(t["status"] == "done" for t in trials), trials
+    for t in trials:
+        for name in ("trial.toml", "recipe.toml"):  # what the sweep wrote, and what the trial's run wrote
+            text = (out / t["id"] / name).read_text(encoding="utf-8")
+            assert "\\ud83d" not in text.lower()
+            assert tomllib.loads(text)["data"]["text_template"] == template
+    run_dir = out / trials[0]["id"]
+    report = subprocess.run([sys.executable, "-m", "ftkit.cli", "report", str(run_dir), "--json"],
+                            capture_output=True, text=True, env=env(tmp_path), timeout=300)
+    assert report.returncode == 0, report.stdout[-2000:] + report.stderr[-2000:]
+    page = Path(json.loads(report.stdout)["report"]).read_text(encoding="utf-8")
+    assert template in page and trials[0]["id"] in page  # the recipe shown, and its name read from it

@@ -8,20 +8,33 @@ import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from ftkit.common.distributed import World, shared_dir_check
 from ftkit.common.errors import FtkitError
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+@contextmanager
+def atomic_file(path: Path, mode: str = "w") -> Iterator[IO]:
+    """Yield a file open for writing (`mode` "w" or "wb"); on success it replaces `path` in one rename,
+    on failure it is removed. The temporary file sits in the same folder: a rename across file systems
+    would not be atomic."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so a crash leaves the old file or the new one
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_file(path) as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

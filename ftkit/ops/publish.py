@@ -38,7 +38,7 @@ def _source(src: Path) -> tuple[Path, Path | None]:
 
 def _recipe_text(meta: dict[str, Any], run: Path | None) -> str | None:
     if run is not None and (run / "recipe.toml").exists():
-        return (run / "recipe.toml").read_text()
+        return (run / "recipe.toml").read_text(encoding="utf-8")
     recipe = meta.get("recipe") or (meta.get("fused_from", {}).get("adapter_meta") or {}).get("recipe")
     if recipe:
 

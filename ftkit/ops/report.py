@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import tomllib
+
 from ftkit.common.atomic import write_text_atomic
 from ftkit.common.errors import FtkitError
 from ftkit.train.metrics import FILENAME, MetricsLog
@@ -100,6 +102,17 @@ def _kv(d: dict[str, Any]) -> str:
     return '<table class="kv">' + "".join(f"<tr><td>{html.escape(str(k))}</td><td>{_fmt(v)}</td></tr>" for k, v in d.items()) + "</table>"
 
 
+def _recipe(path: Path) -> tuple[str, dict[str, Any]]:
+    """The run's recipe.toml, as text to show and as data; both empty when the run has none."""
+    if not path.exists():
+        return "", {}
+    text = path.read_text(encoding="utf-8")  # TOML is UTF-8 whatever the locale says
+    try:
+        return text, tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise FtkitError(f"{path}: not valid TOML ({e}); ftkit train writes it: rerun the run, or fix or remove the file.") from None
+
+
 def build(run_dir: Path) -> str:
     run_dir = Path(run_dir)
     path = run_dir / FILENAME
@@ -113,15 +126,11 @@ def build(run_dir: Path) -> str:
     valid = [r for r in records if r.get("kind") == "valid"]
     others = sorted({r.get("kind") for r in records} - {"run", "train", "valid", None})
     run = runs[-1] if runs else {}
-    recipe_text = (run_dir / "recipe.toml").read_text() if (run_dir / "recipe.toml").exists() else ""
+    recipe_text, recipe = _recipe(run_dir / "recipe.toml")
     final = json.loads((run_dir / "final_state.json").read_text()) if (run_dir / "final_state.json").exists() else None
     meta_path = run_dir / "adapter" / "ftkit.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    name = run_dir.name
-    import tomllib
-
-    recipe = tomllib.loads(recipe_text) if recipe_text else {}
-    name = recipe.get("name", name)
+    name = recipe.get("name", run_dir.name)
     method = recipe.get("method", {}).get("kind", meta.get("method", "?"))
     model = recipe.get("model", {}).get("path", meta.get("base_model", {}).get("path", "?"))
     total = meta.get("total_steps") or (final or {}).get("step")

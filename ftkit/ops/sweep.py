@@ -1,24 +1,4 @@
-"""Hyperparameter sweeps: `ftkit sweep sweep.toml` runs a base recipe once per point of a search space.
-
-```toml
-[sweep]
-recipe = "quickstart.toml"    # the base recipe (or put its sections in this file)
-method = "grid"               # grid | random
-trials = 8                    # random: how many points
-seed = 0                      # random: the draw
-metric = "valid.loss"         # <kind>.<key> of the run's metrics.jsonl: valid.loss, train.loss, valid.<task metric>
-goal = "minimize"             # or maximize
-summary = "last"              # last | best: the metric's last value in each run, or its best
-parallel = 1                  # trials at a time; on a machine with GPUs each trial is pinned to one
-output_dir = "runs/lr-sweep"  # trial-000/, trial-001/ ... (each a run folder) and results.csv / results.json
-
-[sweep.parameters]
-"train.lr" = [1e-4, 3e-4, 1e-3]                               # values (grid or random)
-"train.warmup" = { min = 0.0, max = 0.1 }                      # random only: uniform, log_uniform or int_uniform
-[[sweep.paired]]                                               # values that vary together, position by position
-"method.rank" = [4, 8, 16]
-"method.alpha" = [8, 16, 32]
-```
+"""Hyperparameter sweeps: `ftkit sweep sweep.toml` runs a base recipe once per point of a search space. The file's keys: ftkit.ops.sweep_spec.
 
 Each trial is `ftkit train` in its own process (a crash or an out-of-memory ends that trial only, and
 each gets a clean GPU), on its own recipe file written to its run folder before the first starts,
@@ -30,7 +10,6 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-import math
 import os
 import random
 import subprocess
@@ -41,12 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import tomllib
-
 from ftkit.backend.hardware import detect
 from ftkit.common.atomic import write_json_atomic, write_text_atomic
 from ftkit.common.errors import FtkitError, RecipeError
-from ftkit.recipe.load import _resolve_paths, build_recipe
+from ftkit.ops.sweep_spec import Range, Sweep, load_sweep  # noqa: F401  (callers use sweep.load_sweep)
+from ftkit.recipe.load import build_recipe
 from ftkit.recipe.schema import Recipe
 from ftkit.train.metrics import MetricsLog
 from ftkit.train.stages import run_stages
@@ -59,13 +37,6 @@ TRIAL_RECIPE = "trial.toml"
 
 
 RESULTS_CSV, RESULTS_JSON = "results.csv", "results.json"
-
-
-DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform")
-
-
-SWEEP_KEYS = {"recipe", "method", "trials", "seed", "metric", "goal", "summary", "parallel", "gpus", "output_dir", "backend",
-              "parameters", "paired"}
 
 
 @dataclass
@@ -85,169 +56,15 @@ class Trial:
                 "seconds": self.seconds, "error": self.error, "gpu": self.gpu, "run_dir": str(self.dir)}
 
 
-@dataclass
-class Sweep:
-    name: str
-    file: Path
-    base: dict[str, Any]      # the base recipe's data, paths resolved
-    base_where: str
-    method: str
-    parameters: dict[str, Any]
-    paired: list[dict[str, list[Any]]]
-    trials_n: int | None
-    seed: int
-    metric: str
-    goal: str
-    summary: str
-    parallel: int
-    gpus: list[str] | None
-    output_dir: Path
-    backend: str
-
-    def better(self, a: float, b: float) -> bool:
-        return a < b if self.goal == "minimize" else a > b
-
-
-def _flatten_params(table: dict[str, Any], where: str, prefix: str = "") -> dict[str, Any]:
-    """`"train.lr" = [...]` or `[sweep.parameters.train] lr = [...]`, both as {"train.lr": spec}."""
-    out = {}
-    for key, value in table.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and not ({"min", "max", "values"} & set(value)):
-            out.update(_flatten_params(value, where, f"{name}."))
-        else:
-            out[name] = value
-    return out
-
-
-def _check_param(name: str, spec: Any, method: str, where: str) -> list[str]:
-    if "." not in name:
-        return [f"{where}: sweep parameter {name!r}: name a recipe key as SECTION.KEY, e.g. \"train.lr\"."]
-    if isinstance(spec, list):
-        return [] if spec else [f"{where}: sweep parameter {name}: the list of values is empty."]
-    if isinstance(spec, dict):
-        if "values" in spec:
-            return _check_param(name, spec["values"], method, where)
-        dist = spec.get("distribution", "uniform")
-        problems = []
-        if method == "grid":
-            problems.append(f"{where}: sweep parameter {name}: a grid needs a list of values; min/max ranges are for method = \"random\".")
-        if dist not in DISTRIBUTIONS:
-            problems.append(f"{where}: sweep parameter {name}: distribution {dist!r}; choose one of {', '.join(DISTRIBUTIONS)}.")
-        if not all(isinstance(spec.get(k), (int, float)) for k in ("min", "max")) or spec["min"] > spec["max"]:
-            problems.append(f"{where}: sweep parameter {name}: needs numbers min <= max (got {spec}).")
-        elif dist == "log_uniform" and spec["min"] <= 0:
-            problems.append(f"{where}: sweep parameter {name}: log_uniform needs min > 0.")
-        extra = set(spec) - {"min", "max", "distribution"}
-        if extra:
-            problems.append(f"{where}: sweep parameter {name}: unknown keys {sorted(extra)} (min, max, distribution, or values).")
-        return problems
-    return [f"{where}: sweep parameter {name}: give a list of values or a {{ min, max }} range (got {spec!r})."]
-
-
-def load_sweep(path: Path, overrides: dict[str, Any] | None = None, need_space: bool = True) -> Sweep:
-    """The sweep file, checked whole. `need_space` False: a W&B sweep gives the values (--wandb-agent)."""
-
-    path = Path(path)
-    if not path.is_file():
-        raise FtkitError(f"{path}: no such sweep file.")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise FtkitError(f"{path}: not valid TOML: {e}") from None
-    s = {**data.pop("sweep", {}), **{k: v for k, v in (overrides or {}).items() if v is not None}}
-    where = str(path)
-    problems = [f"{where}: unknown key sweep.{k}." for k in s if k not in SWEEP_KEYS]
-    base_where = where
-    if "recipe" in s:
-        base_file = (path.parent / s["recipe"]).resolve()
-        if not base_file.is_file():
-            raise FtkitError(f"{where}: sweep.recipe: {base_file} does not exist.")
-        base = tomllib.loads(base_file.read_text())
-        _resolve_paths(base, base_file.parent)
-        inline = {k: v for k, v in data.items()}
-        _resolve_paths(inline, path.parent.resolve())
-        for section, values in inline.items():  # sections in the sweep file override the base recipe's
-            if isinstance(values, dict) and isinstance(base.get(section), dict):
-                base[section].update(values)
-            else:
-                base[section] = values
-        base.setdefault("name", base_file.stem)
-        base_where = str(base_file)
-    else:
-        base = data
-        _resolve_paths(base, path.parent.resolve())
-        base.setdefault("name", path.stem)
-    method = s.get("method", "grid")
-    if method not in ("grid", "random"):
-        problems.append(f"{where}: sweep.method = {method!r}; choose \"grid\" or \"random\" (W&B's bayes: ftkit sweep --wandb-agent).")
-    params = _flatten_params(s.get("parameters", {}), where)
-    for name, spec in params.items():
-        problems += _check_param(name, spec, method, where)
-    paired = s.get("paired", [])
-    if isinstance(paired, dict):
-        paired = [paired]
-    for i, group in enumerate(paired):
-        group = _flatten_params(group, where)
-        paired[i] = group
-        lengths = {len(v) if isinstance(v, list) else -1 for v in group.values()}
-        if -1 in lengths or len(lengths) != 1 or 0 in lengths:
-            problems.append(f"{where}: sweep.paired group {i + 1}: every key needs a list of values, all of one length "
-                            f"(got {', '.join(f'{k}: {len(v) if isinstance(v, list) else v!r}' for k, v in group.items())}).")
-        for name in group:
-            if "." not in name:
-                problems.append(f"{where}: sweep.paired key {name!r}: name a recipe key as SECTION.KEY.")
-            if name in params:
-                problems.append(f"{where}: {name} is both in sweep.parameters and in sweep.paired; keep one.")
-    if not params and not paired and need_space:
-        problems.append(f"{where}: the sweep has no parameters: add [sweep.parameters] (or [[sweep.paired]]).")
-    trials_n = s.get("trials")
-    if method == "random" and not (isinstance(trials_n, int) and trials_n >= 1):
-        problems.append(f"{where}: method = \"random\" needs sweep.trials, the number of points to draw (e.g. trials = 8).")
-    goal = s.get("goal", "minimize")
-    if goal not in ("minimize", "maximize"):
-        problems.append(f"{where}: sweep.goal = {goal!r}; choose \"minimize\" or \"maximize\".")
-    summary = s.get("summary", "last")
-    if summary not in ("last", "best"):
-        problems.append(f"{where}: sweep.summary = {summary!r}; choose \"last\" or \"best\".")
-    metric = s.get("metric", "valid.loss")
-    if not isinstance(metric, str) or "." not in metric:
-        problems.append(f"{where}: sweep.metric = {metric!r}; name it KIND.KEY, e.g. \"valid.loss\".")
-    parallel = s.get("parallel", 1)
-    if not (isinstance(parallel, int) and parallel >= 1):
-        problems.append(f"{where}: sweep.parallel = {parallel!r}; a count of trials at a time, 1 or more.")
-    gpus = s.get("gpus")
-    if gpus is not None:
-        gpus = [str(g) for g in (gpus if isinstance(gpus, list) else str(gpus).split(","))]
-    if problems:
-        raise RecipeError(problems)
-    name = path.stem
-    out = Path(s["output_dir"]) if "output_dir" in s else Path("runs") / name
-    if "output_dir" in s and not out.is_absolute() and "output_dir" not in (overrides or {}):
-        out = path.parent / out
-    return Sweep(name=name, file=path, base=base, base_where=base_where, method=method, parameters=params, paired=paired,
-                 trials_n=trials_n, seed=int(s.get("seed", 0)), metric=metric, goal=goal, summary=summary, parallel=parallel,
-                 gpus=gpus, output_dir=out.resolve(), backend=s.get("backend", "auto"))
-
-
-def _draw(spec: Any, rng: random.Random) -> Any:
-    if isinstance(spec, dict) and "values" in spec:
-        spec = spec["values"]
-    if isinstance(spec, list):
-        return spec[rng.randrange(len(spec))]
-    lo, hi, dist = spec["min"], spec["max"], spec.get("distribution", "uniform")
-    if dist == "log_uniform":
-        return math.exp(rng.uniform(math.log(lo), math.log(hi)))
-    if dist == "int_uniform":
-        return rng.randint(int(lo), int(hi))
-    return rng.uniform(lo, hi)
+def _draw(spec: list[Any] | Range, rng: random.Random) -> Any:
+    return spec[rng.randrange(len(spec))] if isinstance(spec, list) else spec.draw(rng)
 
 
 def points(sweep: Sweep) -> list[dict[str, Any]]:
     """The search space's points, in a fixed order: the grid's product, or the seeded random draw."""
     names = list(sweep.parameters)
     if sweep.method == "grid":
-        axes = [[(n, v) for v in (spec["values"] if isinstance(spec, dict) else spec)] for n, spec in sweep.parameters.items()]
+        axes = [[(n, v) for v in spec] for n, spec in sweep.parameters.items()]  # load_sweep: only lists in a grid
         axes += [[tuple((k, group[k][i]) for k in group) for i in range(len(next(iter(group.values()))))] for group in sweep.paired]
         out = []
         for combo in itertools.product(*axes):

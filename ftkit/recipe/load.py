@@ -57,7 +57,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+def resolve_paths(data: dict[str, Any], base: Path) -> None:
     """Paths in a recipe file are relative to that file; --set paths to the working directory."""
     for section, key in PATH_KEYS:
         value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
@@ -69,7 +69,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
     mix = data["data"].get("mix") if isinstance(data.get("data"), dict) else None
     for source in mix if isinstance(mix, list) else []:
         if isinstance(source, dict):  # each [[data.mix]] source's paths, like data's own
-            _resolve_paths({"data": source}, base)
+            resolve_paths({"data": source}, base)
 
 
 def _merge(into: dict[str, Any], extra: dict[str, Any]) -> None:
@@ -137,7 +137,7 @@ def _format_validation(err: ValidationError, where: str, text: str | None, overr
 def _read_toml(path: Path) -> tuple[dict[str, Any], str]:
     if not path.exists():
         raise RecipeError([f"{path}: no such recipe file."])
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     try:
         return tomllib.loads(text), text
     except tomllib.TOMLDecodeError as e:
@@ -165,13 +165,13 @@ def load_recipes(paths: list[Path], overrides: list[str] | None = None, check_pa
     """One Recipe per file (stages). --set overrides apply to every stage."""
     extra = parse_overrides(overrides or [])
     if extra:
-        _resolve_paths(extra, Path.cwd())
+        resolve_paths(extra, Path.cwd())
     recipes, errors = [], []
     for path in paths:
         path = Path(path)
         try:
             data, text = _read_toml(path)
-            _resolve_paths(data, path.parent.resolve())
+            resolve_paths(data, path.parent.resolve())
             _merge(data, json.loads(json.dumps(extra)))
             data.setdefault("name", path.stem)
             overridden = {(sec, key) for sec, values in extra.items() for key in values}

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-from ftkit.train.tracking import hardware_summary
+from ftkit.common.atomic import atomic_file, write_text_atomic
+from ftkit.train.callbacks import TrainingCallback
 
 FILENAME = "metrics.jsonl"
 
@@ -40,9 +40,6 @@ class MetricsLog:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", encoding="utf-8")
-        if record.get("kind") == "run" and "hardware" not in record:  # for the report and the trackers
-
-            record = {**record, "hardware": hardware_summary()}
         line = json.dumps({**record, "time": time.time()}, default=_jsonable)
         self._file.write(line + "\n")
         self._file.flush()
@@ -63,9 +60,7 @@ class MetricsLog:
             return
         self._note_sent()
         kept = [r for r in self.read(self.path) if r.get("step") is None or r["step"] <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def clear(self) -> None:
         """Start the log afresh: a run killed before its first checkpoint starts again from step 0."""
@@ -137,9 +132,35 @@ def plot_losses(metrics_path: str | Path, png_path: str | Path, title: str | Non
     fig.tight_layout()
 
     png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    # Write then rename, so a viewer never sees a half-written image.
-    tmp = png_path.with_name(f".{png_path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, png_path)
+    with atomic_file(png_path, "wb") as f:  # a viewer never sees a half-written image
+        fig.savefig(f, format="png")
     return png_path
+
+
+class MetricsCallback(TrainingCallback):
+    """A run's records into its metrics log (and through the log to the trackers); the loss plot at the end."""
+
+    def __init__(self, log: MetricsLog, png_path: Path, name: str | None):
+        self.log, self.png_path = log, png_path
+        self.title = name
+
+    def on_start(self, step: int, resumed: bool) -> None:
+        if resumed:
+            self.log.truncate_after(step)
+        else:
+            self.log.clear()  # what a run killed before its first checkpoint logged is trained again
+
+    def on_run(self, record: dict[str, Any]) -> None:
+        self.title = f"{self.title} ({record['backend']})"
+        self.log.log(record)
+
+    def on_report(self, record: dict[str, Any]) -> None:
+        self.log.log(record)
+
+    def on_eval(self, record: dict[str, Any]) -> None:
+        self.log.log(record)
+
+    def on_end(self, ok: bool) -> None:
+        if ok and self.log.enabled:
+            plot_losses(self.log.path, self.png_path, title=self.title)
+        self.log.close(ok)

@@ -1,4 +1,5 @@
-"""Everything a run needs before its first step: the backend, the model, the tokenizer, the data."""
+"""Everything a run needs before its first step: the backend, the model, the tokenizer, the data, and
+where a resumed run starts."""
 
 from __future__ import annotations
 
@@ -6,15 +7,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ftkit.adapters import init
+from ftkit.adapters import meta as adapter_format
+from ftkit.backend.protocol import Backend
+from ftkit.backend.registry import get_backend
 from ftkit.common import distributed
 from ftkit.common.console import status
 from ftkit.common.distributed import World
 from ftkit.common.errors import FtkitError
+from ftkit.common.fingerprints import fingerprint_model, fingerprint_tokenizer
 from ftkit.data.batch import Splits
 from ftkit.data.token_cache import load_splits
 from ftkit.models.resolve import resolve_model
 from ftkit.models.tokenizer import load_tokenizer
 from ftkit.recipe.schema import Recipe
+from ftkit.train import checkpoint as ckpt
 from ftkit.train.schedule import Schedule, make_schedule
 
 
@@ -43,3 +50,105 @@ def prepare(recipe: Recipe, run_dir: Path | None = None) -> Prepared:
     world = distributed.current()
     schedule = make_schedule(recipe.train, len(splits.train), len(splits.valid), world.size)
     return Prepared(recipe, model_path, tokenizer, splits, schedule, Path(run_dir or recipe.output.dir), world)
+
+
+def find_resume(run_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint `--resume` names (auto: the run folder's latest); None starts a new run, refused
+    where the folder already holds one."""
+    existing = ckpt.latest_checkpoint(run_dir)
+    if resume is None:
+        if existing is not None or (run_dir / "adapter").exists():
+            raise FtkitError(
+                f"{run_dir} already holds a run (checkpoints or a final adapter). Pass --resume auto to "
+                "continue it, or set output.dir (--set output.dir=...) to start a new one; nothing was overwritten."
+            )
+        return None
+    if resume == "auto":
+        return existing
+    path = Path(resume)
+    if (path / ckpt.STATE_FILE).is_file():
+        return path
+    found = ckpt.latest_checkpoint(path)
+    if found is None:
+        raise FtkitError(f"--resume {resume}: no complete checkpoint there (a folder with {ckpt.STATE_FILE}).")
+    return found
+
+
+def start_state(resumed: Path | None, world: World) -> dict[str, Any]:
+    """The run state a run starts from: step 0, or the checkpoint's."""
+    if resumed is None:
+        return {"step": 0, "position": 0, "trained_tokens": 0, "elapsed": 0.0, "first_valid_loss": None,
+                "processes": world.size}
+    state = ckpt.read_state(resumed)
+    saved_by = state.get("processes", 1)
+    if saved_by != world.size:
+        # A step is batch_size * grad_accum examples per process: another count is another schedule.
+        raise FtkitError(f"{resumed} was written by a run of {saved_by} process(es); resume it with {saved_by} "
+                         f"(this run has {world.size}), or start a new run from its adapter with method.resume_from.")
+    return state
+
+
+@dataclass
+class Loaded:
+    """The backend with the model in place, and the fingerprints every adapter it saves carries."""
+
+    backend: Backend
+    model_fp: str
+    tokenizer_fp: str
+
+
+def load(prep: Prepared, backend_name: str, resumed: Path | None, start_adapter: Path | None) -> Loaded:
+    """The model and its trainable values, ready to train: the checkpoint's, the starting adapter's, or freshly drawn."""
+    recipe = prep.recipe
+    model_fp, tokenizer_fp = fingerprint_model(prep.model_path), fingerprint_tokenizer(prep.tokenizer)
+    load_from = resumed / "adapter" if resumed else start_adapter
+    if load_from is not None and recipe.method.kind != "full":
+        adapter_format.check_compatible(load_from, model_fp, tokenizer_fp)
+        adapter_format.check_method(load_from, recipe.method.kind, recipe.method.rank, recipe.method.num_virtual_tokens)
+    backend = get_backend(backend_name)
+    model_path = prep.model_path
+    if recipe.method.kind == "full" and load_from is not None:
+        model_path, load_from = load_from, None
+    with status(f"loading {prep.model_path.name} on {backend.name}"):
+        backend.load(recipe, model_path, adapter=load_from, train=True)
+    if resumed is None and load_from is None and recipe.is_adapter:
+        _draw_initial_adapter(backend, prep)
+    backend.start_training()  # wraps for DDP/FSDP once the starting values are in place
+    if resumed is not None:
+        backend.load_state(resumed / "state")
+    return Loaded(backend, model_fp, tokenizer_fp)
+
+
+def _draw_initial_adapter(backend: Backend, prep: Prepared) -> None:
+    """Same recipe and seed, same starting adapter, whichever backend trains it."""
+    method, seed = prep.recipe.method, prep.recipe.train.seed
+    rows = lambda: backend.embedding_rows(init.prompt_init_ids(method, prep.tokenizer, seed))  # noqa: E731
+    backend.set_adapter_tensors(init.draw(backend.adapter_tensors(), seed, rows if method.kind == "prompt" else None))
+
+
+def other_backend_keys(recipe: Recipe, backend_name: str) -> str:
+    """Non-default keys of the other backend's section: kept in the recipe (the same file runs on
+    both machines) but said out loud, never silently dropped."""
+    other = "mlx" if backend_name == "torch" else "torch"
+    section = getattr(recipe, other)
+    defaults = type(section)()
+    return ", ".join(f"{other}.{k} = {v!r}" for k, v in section if v != getattr(defaults, k))
+
+
+def banner(prep: Prepared, backend_name: str, info: dict[str, Any], resumed: Path | None) -> str:
+    """What a run says before its first step: method, device, parameters, data, schedule."""
+    s, r, splits = prep.schedule, prep.recipe, prep.splits
+    trainable, total = info.get("trainable_params", 0), info.get("total_params", 0)
+    pct = 100 * trainable / total if total else 0
+    procs = f" ({prep.world.size} processes x {r.train.batch_size * r.train.grad_accum})" if prep.world.size > 1 else ""
+    lines = [
+        f"[bold]{r.name}[/]: {r.method.kind} on {info.get('device')} ({backend_name}, {info.get('dtype')}, precision {info.get('precision')})",
+        f"trainable parameters: {trainable:,} of {total:,} ({pct:.3f}%)",
+        f"data: {len(splits.train)} train / {len(splits.valid)} valid / {len(splits.test)} test examples ({splits.format}, loss on {splits.train_on})",
+        f"schedule: {s.total_steps} steps x {s.examples_per_step} examples{procs}, validate every {s.steps_per_eval}, report every {s.steps_per_report}, checkpoint every {s.save_every}",
+    ]
+    if info.get("switches"):
+        lines.append("switches: " + ", ".join(f"{k} {v}" for k, v in info["switches"].items()))
+    if resumed:
+        lines.append(f"resumed from {resumed}")
+    return "\n".join(lines)

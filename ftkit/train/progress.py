@@ -13,6 +13,7 @@ from rich.progress import (
 )
 
 from ftkit.common.console import _stderr_console
+from ftkit.train.callbacks import TrainingCallback
 
 
 def _tokens(rate: float) -> str:
@@ -82,3 +83,33 @@ class TrainProgress:
         """Print above the bar (the bar redraws below it)."""
         if self.enabled:
             self.console.print(message)
+
+
+class ProgressCallback(TrainingCallback):
+    """The bar over a run's optimizer steps, and its validation losses printed above it."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.total, self.enabled = total, enabled
+        self.bar: TrainProgress | None = None
+
+    def on_train_begin(self, step: int) -> None:
+        # Made here, not earlier: the bar's clock starts with the first step, not with the model load.
+        self.bar = TrainProgress(self.total, start=step, enabled=self.enabled).__enter__()
+
+    def on_step_end(self, step: int, lr: float) -> None:
+        self.bar.update(step, lr=lr)
+
+    def on_report(self, record: dict) -> None:
+        self.bar.update(record["step"], loss=record["loss"], lr=record["lr"], tokens_per_sec=record["tokens_per_sec"])
+
+    def on_eval(self, record: dict) -> None:
+        message = f"step {record['step']}: validation loss {record['loss']:.4f}"
+        if self.bar is not None:
+            self.bar.log(message)
+        elif self.enabled:  # the validation before training: no bar yet
+            _stderr_console().print(message)
+
+    def on_train_end(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None

@@ -66,8 +66,7 @@ def require(recipes) -> None:
 
 
 def hardware_summary() -> dict[str, Any]:
-    """The machine a run trained on, for the run record and the trackers' config."""
-
+    """The machine a run trained on: the loop puts it in the run record, the trackers' config takes it from there."""
     info = detect()
     gpus = [{"name": g["name"], "memory_gib": round(g["memory_bytes"] / 2**30, 1) if g.get("memory_bytes") else None}
             for g in info["cuda"]["devices"]]
