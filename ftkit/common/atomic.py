@@ -42,8 +42,12 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 @contextmanager
-def atomic_dir(dest: Path, world: World | None = None, sync: Callable[[], None] | None = None) -> Iterator[Path]:
+def atomic_dir(dest: Path, world: World | None = None, sync: Callable[[], None] | None = None,
+               keep_existing: bool = False) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces `dest` in one rename, on failure it is removed.
+
+    `keep_existing`: a `dest` that is already there (another process wrote the same content first,
+    as with a cache entry) is kept and the new folder dropped.
 
     In a multi-process run every process writes its part into the same temporary folder: rank 0
     makes it and renames it, `sync` (a barrier) keeps the others between those two moments.
@@ -70,13 +74,20 @@ def atomic_dir(dest: Path, world: World | None = None, sync: Callable[[], None] 
         if not world.is_main:
             sync()
             return
-    if dest.exists():
+    if dest.exists() and keep_existing:
+        shutil.rmtree(tmp, ignore_errors=True)
+    elif dest.exists():
         # Two renames: the old folder stays whole until the new one is in place.
         old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
         os.replace(dest, old)
         os.replace(tmp, dest)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(tmp, dest)
+        try:
+            os.replace(tmp, dest)
+        except OSError:  # a folder put in place since the check above
+            if not (keep_existing and dest.exists()):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     if shared:
         sync()

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ftkit.common.atomic import atomic_dir
 from ftkit.common.fingerprints import fingerprint_tokenizer
 from ftkit.common.hub import looks_like_hub_id
 from ftkit.common.paths import cache_root
@@ -141,22 +140,13 @@ def load(data: Any, tokenizer: Any, tokenize: Callable[[Any, Any], Splits]) -> S
 
 
 def _store(folder: Path, splits: Splits) -> None:
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    # keep_existing: another process (a rank of the same run) may put the same entry in place first.
+    with atomic_dir(folder, keep_existing=True) as tmp:
         for split in SPLITS:
             _write_split(tmp, split, getattr(splits, split))
         meta = {"format": splits.format, "train_on": splits.train_on, "n_truncated": splits.n_truncated,
                 "sources": splits.sources, "n_dropped": splits.n_dropped}
-        (tmp / "meta.json").write_text(json.dumps(meta))  # last: marks the entry complete
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process (a rank of the same run) put the same entry in place first
-            if not (folder / "meta.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "meta.json").write_text(json.dumps(meta))
 
 
 def load_splits(data: "DataSection", tokenizer: Any) -> Splits:
