@@ -10,6 +10,10 @@ import shutil
 import subprocess
 from typing import Any
 
+from rich.console import Group
+from rich.markup import escape
+from rich.table import Table
+
 from ftkit.backend.registry import BACKENDS, installed, is_apple_silicon, pick_auto
 from ftkit.common.errors import BackendUnavailable
 
@@ -79,7 +83,7 @@ def _gpus() -> tuple[dict[str, Any], bool | None]:
     mps = None
     if importlib.util.find_spec("torch") is not None:
         try:
-            import torch
+            import torch  # lazy: torch is a backend's
 
             mps = bool(torch.backends.mps.is_available())
             if torch.cuda.is_available():
@@ -147,9 +151,6 @@ def _gib(n: int | None) -> str:
 
 def render(info: dict[str, Any]):
     """Tables for `ftkit info`."""
-    from rich.console import Group
-    from rich.markup import escape
-    from rich.table import Table
 
     system = Table(title="Machine", show_header=False, title_justify="left")
     system.add_column(style="bold")

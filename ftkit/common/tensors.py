@@ -12,6 +12,8 @@ from pathlib import Path
 
 import ml_dtypes  # noqa: F401  registers bfloat16 with numpy, so safetensors.numpy reads BF16 tensors
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
 
 from ftkit.common.errors import AdapterMismatchError
 
@@ -27,8 +29,6 @@ def read_header(path: Path) -> tuple[dict, int]:
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
 
     path = Path(path)
     try:
@@ -39,6 +39,5 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 
 def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    from safetensors.numpy import save_file
 
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=metadata or {"format": "pt"})

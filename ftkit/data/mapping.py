@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 from ftkit.common.console import console
 from ftkit.common.hub import looks_like_hub_id
-from ftkit.data.rows import SPLITS, Part, read_source, detect_format, holdout_order
+from ftkit.data.rows import SPLITS, Part, detect_format, holdout_order, read_source
 from ftkit.recipe.tasks import source_section
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ def read_label_names(spec: "DataSection") -> list[str] | None:
 def hub_label_names(path: str, subset: str | None, column: str) -> list[str] | None:
     """A hub data set's ClassLabel names for a column (datasets keeps them in the features, not the rows)."""
     try:
-        from datasets import load_dataset_builder
+        from datasets import load_dataset_builder  # lazy: optional extra
     except ImportError:
         return None
     try:

@@ -160,7 +160,7 @@ def _read_csv(path: Path, delimiter: str) -> tuple[list[dict], list[str]]:
 
 def _read_parquet(path: Path) -> tuple[list[dict], list[str]]:
     try:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # lazy: optional extra
     except ImportError:
         raise DataError(f"{path}: reading parquet needs pyarrow: pip install 'ftkit[data]'.") from None
     rows = pq.read_table(path).to_pylist()
@@ -170,7 +170,7 @@ def _read_parquet(path: Path) -> tuple[list[dict], list[str]]:
 def _read_hub(data: "DataSection") -> dict[str, Part]:
     name = data.path + (f" ({data.subset})" if data.subset else "")
     try:
-        from datasets import load_dataset
+        from datasets import load_dataset  # lazy: optional extra
     except ImportError:
         raise DataError(f"{name}: not a local path; loading it from the hub needs `datasets`: pip install 'ftkit[data]'.") from None
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 import tempfile
@@ -10,12 +11,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
 from ftkit.common.errors import FtkitError
 
 
 def _gguf_metadata(path: Path) -> tuple[dict[str, Any], set[str]]:
     """The file's scalar metadata (arrays left out: the vocabulary is large) and its tensor names."""
-    from gguf import GGUFReader, GGUFValueType
+    from gguf import GGUFReader, GGUFValueType  # lazy: optional extra
 
     reader = GGUFReader(path)
     meta = {}
@@ -46,10 +49,9 @@ def _as_gguf_file(source: Path) -> Iterator[tuple[Path, str]]:
 
 
 def _gguf_load_kwargs(torch_dtype: Any) -> dict[str, Any]:
-    import inspect
 
-    import transformers
-    from packaging.version import Version
+    import transformers  # lazy: slow to import
+    from packaging.version import Version  # lazy: with transformers
 
     kwargs: dict[str, Any] = {}
     # transformers renamed torch_dtype to dtype in 4.56 and warns on the old name since.
@@ -63,9 +65,9 @@ def _gguf_load_kwargs(torch_dtype: Any) -> dict[str, Any]:
 
 
 def convert_gguf(source: Path, dest: Path, dtype: str, note: Callable[[str], None]) -> list[str]:
-    import torch
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch  # lazy: torch is a backend's
+    import transformers  # lazy: slow to import
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: slow to import
 
     note(f"reading {source.name}")
     try:
@@ -128,7 +130,6 @@ def _fix_gguf_folder(dest: Path, meta: dict[str, Any], tensors: set[str], tok: A
     if base is not None:
         fixes += set_rope_theta(cfg, float(base))
 
-    from safetensors import safe_open
 
     saved: set[str] = set()
     for shard in dest.glob("*.safetensors"):

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ftkit.common.errors import FtkitError
 from ftkit.models.gguf import set_rope_theta
 
@@ -75,7 +77,6 @@ def llama2c_layout(path: Path) -> tuple[dict[str, Any], list[tuple[str, tuple[in
 
 
 def _read_llama2c(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    import numpy as np
 
     header, shapes = llama2c_layout(path)
     count = sum(math.prod(shape) for _, shape in shapes)
@@ -102,7 +103,6 @@ def _rope_theta_of(freq_cos: Any, freq_sin: Any, head: int) -> float:
     llama2.c trains with 10000, but a fork may not, and a wrong base would go unnoticed: the model
     would load and run, only worse. The tables the file carries settle it.
     """
-    import numpy as np
 
     half = head // 2
     if half < 2 or freq_cos.shape[0] < 2:
@@ -121,10 +121,9 @@ def _rope_theta_of(freq_cos: Any, freq_sin: Any, head: int) -> float:
 
 
 def convert_llama2c(source: Path, tok_file: Path, dest: Path, dtype: str, note: Callable[[str], None]) -> list[str]:
-    import numpy as np
-    import torch
-    import transformers
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import torch  # lazy: torch is a backend's
+    import transformers  # lazy: slow to import
+    from transformers import LlamaConfig, LlamaForCausalLM  # lazy: slow to import
 
     note(f"reading {source.name}")
     h, a = _read_llama2c(source)

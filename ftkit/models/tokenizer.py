@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def load_tokenizer(model_path: Path, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: slow to import
 
     tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:

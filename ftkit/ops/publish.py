@@ -72,7 +72,7 @@ def _metrics(meta: dict[str, Any], run: Path | None) -> dict[str, Any]:
 
 def model_card(folder: Path, repo: str, base_model: str | None, run: Path | None) -> str:
     """README.md for the hub: YAML metadata (through huggingface_hub's ModelCardData) and how to use it."""
-    from huggingface_hub import ModelCardData
+    from huggingface_hub import ModelCardData  # lazy: network use only
 
     meta = adapter_format.read_meta(folder) or {}
     is_adapter = (folder / "adapter_config.json").exists()
@@ -159,7 +159,7 @@ def _written_by_hand(card: str) -> bool:
 
 def push(src: Path, repo: str, *, private: bool = False, base_model: str | None = None, message: str | None = None,
          revision: str | None = None) -> dict[str, Any]:
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi  # lazy: network use only
 
     if not looks_like_hub_id(repo):
         raise FtkitError(f"--repo {repo}: expected a hub repository id, user/name or org/name.")

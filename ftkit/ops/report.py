@@ -44,9 +44,9 @@ pre{background:#fff;border:1px solid #dde1e7;border-radius:8px;padding:12px;over
 
 def _svg(series: list[tuple[str, list[tuple[float, float]], str]], ylabel: str, logy: bool = False) -> str:
     """A line chart as an inline <svg> element; series are (label, points, style)."""
-    import matplotlib
-    from matplotlib.backends.backend_svg import FigureCanvasSVG
-    from matplotlib.figure import Figure
+    import matplotlib  # lazy: slow to import
+    from matplotlib.backends.backend_svg import FigureCanvasSVG  # lazy: slow to import
+    from matplotlib.figure import Figure  # lazy: slow to import
 
     with matplotlib.rc_context({"svg.fonttype": "path", "svg.hashsalt": "ftkit"}):  # no font files, stable output
         fig = Figure(figsize=(6.4, 3.4), dpi=100)

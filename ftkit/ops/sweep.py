@@ -8,6 +8,7 @@ so every trial's recipe is validated up front.
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
 import os
@@ -19,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from rich.table import Table
 
 from ftkit.backend.hardware import detect
 from ftkit.common.atomic import write_json_atomic, write_text_atomic
@@ -280,7 +283,6 @@ def write_results(sweep: Sweep, ranked: list[Trial]) -> None:
                "best": ranked[0].as_dict() if ranked and ranked[0].metric is not None else None,
                "trials": [t.as_dict() for t in ranked]}
     write_text_atomic(sweep.output_dir / RESULTS_JSON, json.dumps(payload, indent=2) + "\n")
-    import io
 
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -292,7 +294,6 @@ def write_results(sweep: Sweep, ranked: list[Trial]) -> None:
 
 
 def results_table(sweep: Sweep, ranked: list[Trial]):
-    from rich.table import Table
 
     names = list(dict.fromkeys(k for t in ranked for k in t.params))
     arrow = "lower" if sweep.goal == "minimize" else "higher"
@@ -321,7 +322,7 @@ def agent_params(config: dict[str, Any]) -> dict[str, Any]:
 def agent_trial(sweep: Sweep) -> dict[str, Any]:
     """One W&B sweep trial, in the agent's process: the agent's run gives the values, ftkit trains and
     logs into that run. This is the function `ftkit sweep --wandb-agent` hands to `wandb.agent`."""
-    import wandb
+    import wandb  # lazy: optional tracker
 
     sweep.output_dir.mkdir(parents=True, exist_ok=True)
     run = wandb.init(dir=str(sweep.output_dir))  # under the agent, its run: id and config come from the sweep
@@ -345,7 +346,7 @@ def agent_trial(sweep: Sweep) -> dict[str, Any]:
 
 
 def run_wandb_agent(sweep: Sweep, sweep_id: str, count: int | None) -> None:
-    import wandb
+    import wandb  # lazy: optional tracker
 
     try:
         wandb.agent(sweep_id, function=lambda: agent_trial(sweep), count=count)

@@ -111,8 +111,8 @@ def plot_losses(metrics_path: str | Path, png_path: str | Path, title: str | Non
         return None
 
     # Imported here so that the CLI starts fast and no GUI backend is ever chosen.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: slow to import
+    from matplotlib.figure import Figure  # lazy: slow to import
 
     fig = Figure(figsize=(8, 4.5), dpi=100)
     FigureCanvasAgg(fig)

@@ -16,8 +16,10 @@ from __future__ import annotations
 import atexit
 import importlib.util
 import json
+import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -118,7 +120,7 @@ class Tracker(Protocol):
 
 class WandbTracker:
     def __init__(self, recipe, run_dir: Path, config: dict[str, Any], saved: dict[str, Any]):
-        import wandb
+        import wandb  # lazy: optional tracker
 
         log = recipe.log
         # A sweep agent (`ftkit sweep --wandb-agent`) opened the run this trial logs into.
@@ -147,7 +149,9 @@ class TensorBoardTracker:
     """Event files written with tensorboard's own writer and protos (no torch or TensorFlow needed)."""
 
     def __init__(self, recipe, run_dir: Path, config: dict[str, Any], saved: dict[str, Any]):
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        from tensorboard.summary.writer.event_file_writer import (
+            EventFileWriter,  # lazy: optional tracker
+        )
 
         self.dir = Path(recipe.log.tensorboard_dir or run_dir / "tensorboard")
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -159,17 +163,25 @@ class TensorBoardTracker:
         self._text("run", "```json\n" + json.dumps(about, indent=2, default=str) + "\n```")
 
     def _event(self, step: int | None, values: list) -> None:
-        import time
 
-        from tensorboard.compat.proto.event_pb2 import Event
-        from tensorboard.compat.proto.summary_pb2 import Summary
+        from tensorboard.compat.proto.event_pb2 import Event  # lazy: optional tracker
+        from tensorboard.compat.proto.summary_pb2 import (
+            Summary,  # lazy: optional tracker
+        )
 
         self.writer.add_event(Event(wall_time=time.time(), step=step or 0, summary=Summary(value=values)))
 
     def _text(self, tag: str, text: str) -> None:
-        from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
-        from tensorboard.compat.proto.tensor_pb2 import TensorProto
-        from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
+        from tensorboard.compat.proto.summary_pb2 import (  # lazy: optional tracker
+            Summary,
+            SummaryMetadata,
+        )
+        from tensorboard.compat.proto.tensor_pb2 import (
+            TensorProto,  # lazy: optional tracker
+        )
+        from tensorboard.compat.proto.tensor_shape_pb2 import (
+            TensorShapeProto,  # lazy: optional tracker
+        )
 
         meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="text"))
         tensor = TensorProto(dtype=7, string_val=[text.encode()],  # 7: DT_STRING
@@ -177,7 +189,9 @@ class TensorBoardTracker:
         self._event(0, [Summary.Value(tag=tag, metadata=meta, tensor=tensor)])
 
     def log(self, metrics: dict[str, float], step: int | None) -> None:
-        from tensorboard.compat.proto.summary_pb2 import Summary
+        from tensorboard.compat.proto.summary_pb2 import (
+            Summary,  # lazy: optional tracker
+        )
 
         if metrics:
             self._event(step, [Summary.Value(tag=k, simple_value=v) for k, v in metrics.items()])
@@ -191,10 +205,9 @@ class MlflowTracker:
     """Through MlflowClient, not mlflow's fluent API: a user's own active run is left alone."""
 
     def __init__(self, recipe, run_dir: Path, config: dict[str, Any], saved: dict[str, Any]):
-        import logging
 
-        from mlflow.entities import Param, RunTag
-        from mlflow.tracking import MlflowClient
+        from mlflow.entities import Param, RunTag  # lazy: optional tracker
+        from mlflow.tracking import MlflowClient  # lazy: optional tracker
 
         logging.getLogger("alembic").setLevel(logging.WARNING)
         log = recipe.log
@@ -228,9 +241,8 @@ class MlflowTracker:
         self.state = {"id": self.run_id, "uri": self.uri, "experiment": log.project}
 
     def log(self, metrics: dict[str, float], step: int | None) -> None:
-        import time
 
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # lazy: optional tracker
 
         if metrics:
             now = int(time.time() * 1000)
