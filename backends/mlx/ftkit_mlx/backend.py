@@ -48,7 +48,7 @@ class MlxBackend:
         self.recipe, self.model_path, self.kind = recipe, Path(model_path), recipe.method.kind
         self._refuse_unsupported(recipe)
         mx.random.seed(recipe.train.seed)
-        model, self.config = model_io.load_base(self.model_path, recipe.model.trust_remote_code)
+        model, self.config = model_io.load_base(self.model_path, recipe.model.trust_remote_code, recipe.data.max_seq_length)
         if recipe.model.dtype != "auto":
             model.set_dtype(_DTYPES[recipe.model.dtype])
         elif not mx.metal.is_available():

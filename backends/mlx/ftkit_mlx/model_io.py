@@ -11,30 +11,41 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ftkit.common.errors import FtkitError
+from ftkit.models import mlx_config
+from ftkit_mlx import patches
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "vocab.json", "merges.txt", "generation_config.json")
 
 
 def model_overrides(config: dict[str, Any]) -> dict[str, Any]:
-    """Config keys mlx-lm reads at the top level, where transformers 5 nests them under rope_parameters."""
-    rope = config.get("rope_parameters") or {}
-    extra: dict[str, Any] = {}
-    if "rope_theta" not in config and "rope_theta" in rope:
-        extra["rope_theta"] = rope["rope_theta"]
-    if not config.get("rope_scaling") and rope.get("rope_type", "default") != "default":
-        extra["rope_scaling"] = rope
-    return extra
+    """The keys mlx-lm reads, as it reads them (ftkit.models.mlx_config: transformers 5 nests or renames
+    them); loading also installs the plan's patches."""
+    return mlx_config.plan(config).overrides
 
 
-def load_base(model_path: Path, trust_remote_code: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+def load_base(model_path: Path, trust_remote_code: bool = False,
+              max_seq_length: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The model as transformers computes it, or an FtkitError saying why not, before any weight is
+    read. The config returned is config.json's (plus mlx-lm's quantization entry), not the translation:
+    a folder saved from it stays as transformers reads it."""
     from mlx_lm.utils import load_config, load_model
 
     config = load_config(model_path)
+    plan = mlx_config.plan(config)
+    if max_seq_length is not None:
+        mlx_config.check_context(plan, max_seq_length)
     try:
-        return load_model(model_path, model_config=model_overrides(config), trust_remote_code=trust_remote_code)
+        model, loaded = load_model(model_path, model_config=plan.overrides, trust_remote_code=trust_remote_code)
     except (ValueError, FileNotFoundError) as e:
         raise FtkitError(f"{model_path}: mlx-lm cannot load this model ({e}).") from None
+    patches.apply(model, plan)
+    for key in plan.overrides:
+        if key in config:
+            loaded[key] = config[key]
+        else:
+            loaded.pop(key, None)
+    return model, loaded
 
 
 def save_model_folder(dest: Path, weights: dict[str, mx.array], config: dict[str, Any], source: Path) -> None:
