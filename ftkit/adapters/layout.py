@@ -5,7 +5,8 @@ The common folder is PEFT's: `adapter_config.json` + `adapter_model.safetensors`
 `...lora_magnitude_vector` (out,) for DoRA, and `prompt_embeddings` (n, hidden) for soft prompts.
 MLX (mlx-lm's layers) keeps `<module>.lora_a` (in, r), `<module>.lora_b` (r, out), `<module>.m`,
 and a `scale` where PEFT keeps `lora_alpha / r`. Module paths are the Hugging Face names, which
-mlx-lm's Llama/Mistral/Qwen/Phi/Gemma definitions share.
+mlx-lm's Llama/Mistral/Qwen/Phi/Gemma definitions share. A mixture-of-experts block's routed
+experts are adapted per parameter (PEFT's target_parameters); `ftkit.adapters.experts` holds their layouts.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from ftkit.adapters.targets import block_index, select
+from ftkit.adapters import experts
+from ftkit.adapters.targets import block_index, is_expert, select
 from ftkit.common.errors import AdapterMismatchError
 from ftkit.common.tensors import read_safetensors, write_safetensors
 
@@ -40,7 +42,8 @@ _LORA_PART = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weigh
 
 @dataclass
 class LoraAdapter:
-    """A LoRA/DoRA adapter, module by module, in PEFT's layout (A: (r, in), B: (out, r))."""
+    """A LoRA/DoRA adapter, module by module, in PEFT's layout (A: (r, in), B: (out, r)); a MoE block's
+    expert parameter (`...experts.down_proj`) per expert: a (experts, r, in), b (experts, out, r)."""
 
     kind: str  # "lora" | "dora"
     scale: float
@@ -54,7 +57,7 @@ class LoraAdapter:
         return sorted(self.a)
 
     def rank(self, module: str) -> int:
-        return int(self.a[module].shape[0])
+        return int(self.a[module].shape[-2])
 
 
 @dataclass
@@ -105,37 +108,78 @@ def read_adapter(folder: Path) -> tuple[dict[str, Any], LoraAdapter | PromptAdap
             raise AdapterMismatchError(f"{folder}: {key} (per-module rank or alpha) is not supported; retrain with one rank.")
     if config.get("modules_to_save"):
         raise AdapterMismatchError(f"{folder}: modules_to_save {config['modules_to_save']} (fully trained modules) are not supported in adapters.")
-    return config, parse_lora(tensors, kind, lora_scale(config), float(config.get("lora_dropout", 0.0)), str(weights))
+    where = str(weights)
+    return config, parse_lora(tensors, kind, lora_scale(config), float(config.get("lora_dropout", 0.0)), where,
+                              expert_counts_from_config(tensors, config, where))
 
 
-def parse_lora(tensors: dict[str, np.ndarray], kind: str, scale: float, dropout: float, where: str) -> LoraAdapter:
-    """PEFT-named tensors -> a LoraAdapter, module by module."""
-    lora = LoraAdapter(kind=kind, scale=scale, dropout=dropout)
+def _peft_parts(tensors: dict[str, np.ndarray], where: str) -> dict[tuple[str, str], np.ndarray]:
+    """(PEFT module name, part) -> tensor, refusing names that are not a LoRA's."""
+    out = {}
     for key, value in tensors.items():
         match = _LORA_PART.match(key)
         if not match or not key.startswith(PEFT_PREFIX):
             raise AdapterMismatchError(
-                f"{where}: unexpected tensor {key!r} (e.g. a LoRA on embeddings); ftkit adapts linear layers only."
+                f"{where}: unexpected tensor {key!r} (e.g. a LoRA on embeddings); ftkit adapts linear layers and MoE experts only."
             )
-        module, part = match["module"][len(PEFT_PREFIX):], match["part"]
+        out[match["module"][len(PEFT_PREFIX):], match["part"]] = np.asarray(value, dtype=np.float32)
+    return out
+
+
+def _is_peft_expert(module: str) -> bool:
+    return module.endswith(experts.BASE_LAYER) or module.rsplit(".", 1)[-1] == "experts"
+
+
+def expert_counts_from_config(tensors: dict[str, np.ndarray], config: dict[str, Any], where: str) -> dict[str, int]:
+    """{expert parameter: number of experts} for an adapter folder's expert tensors: which parameters
+    from its target_parameters, how many experts from lora_A's rows over r."""
+    modules = {m for m, _ in _peft_parts(tensors, where) if _is_peft_expert(m)}
+    targeted = [p for m in {experts.strip_base_layer(m)[0] for m in modules}
+                for p in experts.in_config(config.get("target_parameters") or [], m)]
+    names = experts.resolve(modules, targeted, where)
+    rank = int(config.get("r", 0)) or 1
+    return {param: tensors[f"{PEFT_PREFIX}{m}.lora_A.weight"].shape[0] // rank for m, param in names.items()}
+
+
+def parse_lora(tensors: dict[str, np.ndarray], kind: str, scale: float, dropout: float, where: str,
+               expert_counts: dict[str, int] | None = None) -> LoraAdapter:
+    """PEFT-named tensors -> a LoraAdapter, module by module; `expert_counts` ({expert parameter:
+    number of experts}) says which parameter each expert tensor adapts."""
+    lora = LoraAdapter(kind=kind, scale=scale, dropout=dropout)
+    parts = _peft_parts(tensors, where)
+    names = experts.resolve({m for m, _ in parts if _is_peft_expert(m)}, expert_counts or {}, where)
+    for (module, part), value in parts.items():
         target = {"lora_A.weight": lora.a, "lora_B.weight": lora.b}.get(part, lora.m)
-        target[module] = np.asarray(value, dtype=np.float32)
+        target[names.get(module, module)] = value
     unpaired = sorted(set(lora.a) ^ set(lora.b))
     if unpaired:
         raise AdapterMismatchError(f"{where}: modules with only one of lora_A/lora_B: {', '.join(unpaired[:4])}.")
     if kind == "dora" and set(lora.m) != set(lora.a):
         raise AdapterMismatchError(f"{where}: a DoRA adapter must hold lora_magnitude_vector for every adapted module.")
+    for param in names.values():
+        lora.a[param], lora.b[param] = experts.from_peft(lora.a[param], lora.b[param], expert_counts[param], f"{where}: {param}")
     return lora
 
 
 def lora_tensors(lora: LoraAdapter) -> dict[str, np.ndarray]:
     out = {}
+    expert_params = [m for m in lora.modules if is_expert(m)]
     for module in lora.modules:
-        out[f"{PEFT_PREFIX}{module}.lora_A.weight"] = lora.a[module]
-        out[f"{PEFT_PREFIX}{module}.lora_B.weight"] = lora.b[module]
+        a, b, name = lora.a[module], lora.b[module], module
+        if module in expert_params:
+            (a, b), name = experts.to_peft(a, b), experts.peft_module(module, expert_params)
+        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a
+        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b
         if module in lora.m:
-            out[f"{PEFT_PREFIX}{module}.lora_magnitude_vector"] = lora.m[module]
+            out[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = lora.m[module]
     return out
+
+
+def mlx_expert_counts(native: dict[str, Any]) -> dict[str, int]:
+    """{expert parameter: number of experts} of an MLX model's expert LoRA parameters, by their mlx-lm
+    names (what `parse_lora` needs to read that model's tensors back)."""
+    modules = {n.rsplit(".", 1)[0]: v for n, v in native.items() if n.endswith(".lora_a") and len(v.shape) == 3}
+    return {experts.hf_name(m): int(v.shape[0]) for m, v in modules.items() if experts.is_native_expert(m)}
 
 
 def target_spec(modules: list[str], all_layers: int | None = None) -> tuple[list[str], list[int] | None]:
@@ -145,6 +189,8 @@ def target_spec(modules: list[str], all_layers: int | None = None) -> tuple[list
     read; no layer list when that is every one of the model's `all_layers` blocks); the full paths
     otherwise, which PEFT also matches exactly.
     """
+    if not modules:
+        return [], None
     leaves = sorted({m.rsplit(".", 1)[-1] for m in modules})
     layers = sorted({block_index(m) for m in modules} - {None})
     by_leaf: dict[str, set[int | None]] = {}
@@ -159,14 +205,23 @@ def target_spec(modules: list[str], all_layers: int | None = None) -> tuple[list
 def lora_config(kind: str, rank: int, alpha: float, dropout: float, modules: list[str], base_model: str | None,
                 all_layers: int | None = None) -> dict[str, Any]:
     """The adapter_config.json PEFT writes for a LoRA/DoRA of this shape."""
-    targets, layers = target_spec(modules, all_layers)
+    targets = peft_targets(modules, all_layers)
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": targets,
-        "layers_to_transform": layers, "use_dora": kind == "dora", "use_rslora": False, "bias": "none",
+        "r": rank, "lora_alpha": alpha, "lora_dropout": dropout, **targets,
+        "use_dora": kind == "dora", "use_rslora": False, "bias": "none",
         "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
         "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
     }
+
+
+def peft_targets(modules: list[str], all_layers: int | None = None) -> dict[str, Any]:
+    """PEFT's target_modules, layers_to_transform and target_parameters for exactly these modules and
+    expert parameters (the same on both backends, and in the config each writes)."""
+    linear = [m for m in modules if not is_expert(m)]
+    target_modules, layers = target_spec(linear, all_layers)
+    return {"target_modules": target_modules, "layers_to_transform": layers,
+            "target_parameters": experts.parameter_spec([m for m in modules if is_expert(m)], all_layers)}
 
 
 def prompt_config(n_virtual: int, token_dim: int, num_layers: int, num_heads: int, base_model: str | None) -> dict[str, Any]:
@@ -188,10 +243,15 @@ def write_adapter(folder: Path, config: dict[str, Any], adapter: LoraAdapter | P
     (folder / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def to_mlx(lora: LoraAdapter) -> dict[str, np.ndarray]:
-    """mlx-lm parameter names and shapes for a LoRA/DoRA adapter."""
+def to_mlx(lora: LoraAdapter, mlx_names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """mlx-lm parameter names and shapes for a LoRA/DoRA adapter; `mlx_names` (the model's own LoRA
+    parameter names) spell the experts' paths as that model does (Mixtral's `block_sparse_moe`)."""
     out = {}
+    natives = experts.native_names([m for m in lora.modules if is_expert(m)], [n.rsplit(".", 1)[0] for n in mlx_names or []])
     for module in lora.modules:
+        if module in natives:  # per expert already (experts, r, in) / (experts, out, r), as mlx-lm keeps them
+            out[f"{natives[module]}.lora_a"], out[f"{natives[module]}.lora_b"] = lora.a[module], lora.b[module]
+            continue
         out[f"{module}.lora_a"] = np.ascontiguousarray(lora.a[module].T)
         out[f"{module}.lora_b"] = np.ascontiguousarray(lora.b[module].T)
         if module in lora.m:
@@ -205,9 +265,15 @@ def from_mlx(tensors: dict[str, np.ndarray], kind: str, scale: float, dropout: f
         module, leaf = name.rsplit(".", 1)
         if leaf not in ("lora_a", "lora_b", "m"):
             raise AdapterMismatchError(f"unexpected MLX adapter parameter {name!r} (expected .lora_a, .lora_b or .m).")
-        if leaf != "m" and value.ndim != 2:
-            raise AdapterMismatchError(f"{name}: shape {value.shape}; only linear-layer LoRA (2-D) is supported, not mixture-of-experts layers.")
         value = np.asarray(value, dtype=np.float32)
+        if leaf != "m" and value.ndim == 3 and experts.is_native_expert(module):
+            (lora.a if leaf == "lora_a" else lora.b)[experts.hf_name(module)] = value
+            continue
+        if leaf != "m" and value.ndim != 2:
+            raise AdapterMismatchError(
+                f"{name}: shape {value.shape}; ftkit adapts MoE experts with one LoRA on gate and up together "
+                "(switch_mlp.gate_up_proj, as PEFT's gate_up_proj) and on down_proj, not mlx-lm's separate gate_proj/up_proj LoRAs."
+            )
         if leaf == "lora_a":
             lora.a[module] = np.ascontiguousarray(value.T)
         elif leaf == "lora_b":
@@ -236,8 +302,9 @@ def check_targets(adapter: Path, adapter_modules: list[str], recipe_modules: lis
 def check_fits(adapter: Path, weights: LoraAdapter | PromptAdapter, linear_shapes: dict[str, tuple[int, int]], hidden: int) -> None:
     """Refuse an adapter made for another architecture, naming the first module that does not fit.
 
-    `linear_shapes` maps the model's linear layers to (out, in). This runs before any tensor is
-    loaded, so a mismatch reads as one sentence instead of a library's size-mismatch trace.
+    `linear_shapes` maps the model's linear layers to (out, in), and its MoE expert parameters to
+    (experts, out, in). This runs before any tensor is loaded, so a mismatch reads as one sentence
+    instead of a library's size-mismatch trace.
     """
     if isinstance(weights, PromptAdapter):
         if weights.embeddings.shape[1] != hidden:
@@ -253,13 +320,27 @@ def check_fits(adapter: Path, weights: LoraAdapter | PromptAdapter, linear_shape
             "it was trained on a different base model."
         )
     for m in weights.modules:
+        if is_expert(m):
+            _check_expert_fits(adapter, m, weights, linear_shapes[m])
+            continue
         out_dim, in_dim = linear_shapes[m]
         a, b = weights.a[m].shape, weights.b[m].shape
-        if a[1] != in_dim or b[0] != out_dim or a[0] != b[1]:
+        if len(a) != 2 or a[1] != in_dim or b[0] != out_dim or a[0] != b[1]:
             raise AdapterMismatchError(
                 f"{adapter}: {m} has lora_A {tuple(a)} and lora_B {tuple(b)}, but this model's {m} maps {in_dim} -> {out_dim}: "
                 "it was trained on a different base model."
             )
+
+
+def _check_expert_fits(adapter: Path, m: str, weights: LoraAdapter, shape: tuple[int, ...]) -> None:
+    n, out_dim, in_dim = shape
+    a, b = weights.a[m].shape, weights.b[m].shape
+    r = a[-2]
+    if a != (n, r, in_dim) or b != (n, out_dim, r):
+        raise AdapterMismatchError(
+            f"{adapter}: {m} has per-expert lora_A {tuple(a)} and lora_B {tuple(b)}, but this model's {m} is {n} experts "
+            f"mapping {in_dim} -> {out_dim}: it was trained on a different base model."
+        )
 
 
 def open_for(adapter: Path, linear_shapes: dict[str, tuple[int, int]], hidden: int, *, method=None,

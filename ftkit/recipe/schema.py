@@ -49,7 +49,7 @@ class MethodSection(Section):
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
     targets: str | list[str] = Field(
-        "all-linear", description='Module names to adapt, or "all-linear" (every linear layer but the output head).'
+        "all-linear", description='Module names to adapt, or "all-linear" (every linear layer in the blocks, as PEFT: not the output head, nor MoE routers or routed experts; ["all-linear", "experts"] adds the experts).'
     )
     layers: int | None = Field(None, ge=1, description="Adapt only the last N decoder blocks (default: all).")
     num_virtual_tokens: int = Field(20, ge=1, description="prompt/prefix: number of virtual tokens.")

@@ -47,6 +47,8 @@ class MlxBackend:
     def load(self, recipe: Recipe, model_path: Path, *, adapter: Path | None, train: bool) -> None:
         self.recipe, self.model_path, self.kind = recipe, Path(model_path), recipe.method.kind
         self._refuse_unsupported(recipe)
+        if self.kind == "prompt":
+            methods.check_prompt_family(self.model_path)
         mx.random.seed(recipe.train.seed)
         model, self.config = model_io.load_base(self.model_path, recipe.model.trust_remote_code, recipe.data.max_seq_length)
         if recipe.model.dtype != "auto":
@@ -86,7 +88,7 @@ class MlxBackend:
             self.optimizer = mlx_optim.build(recipe.train)
             self._reseed()
         mx.eval(self.tuned.parameters())
-        if train and not self.tuned.n_virtual:
+        if train:
             self._check_head()
 
     def _refuse_unsupported(self, recipe: Recipe) -> None:
@@ -150,7 +152,7 @@ class MlxBackend:
                   selected: mx.array | None = None) -> mx.array:
         if selected is not None:
             # The output head only at target positions (the masks are 0/1): no logits for prompt tokens.
-            hidden = tuned.model.model(inputs, cache=packed)
+            hidden = tuned.hidden_states(inputs, cache=packed)
             hidden = mx.take(hidden.reshape(-1, hidden.shape[-1]), selected, axis=0)
             logits = self.head(hidden).astype(mx.float32)
             return nn.losses.cross_entropy(logits, mx.take(targets_.reshape(-1), selected), reduction="sum")
@@ -165,7 +167,7 @@ class MlxBackend:
             return
         probe = mx.array((np.arange(16, dtype=np.int32) * 7919 % self.config.get("vocab_size", 256))[None])
         try:
-            ok = mx.allclose(self.head(self.tuned.model.model(probe)), self.tuned(probe), atol=1e-4).item()
+            ok = mx.allclose(self.head(self.tuned.hidden_states(probe)), self.tuned(probe), atol=1e-4).item()
         except (AttributeError, TypeError, ValueError):
             ok = False
         if not ok:
@@ -257,7 +259,7 @@ class MlxBackend:
         mx.eval(self.tuned.parameters())
 
     def embedding_rows(self, ids: list[int]) -> np.ndarray:
-        return np.array(methods.embed_tokens(self.tuned.model)(mx.array(ids)).astype(mx.float32))
+        return np.array(self.tuned.embedding_rows(mx.array(ids)).astype(mx.float32))  # in PEFT's space (Gemma: scaled)
 
     # ------------------------------------------------------------------ saving
     def save_adapter(self, dest: Path) -> None:

@@ -49,12 +49,19 @@ def load_base(model_path: Path, trust_remote_code: bool = False,
 
 
 def save_model_folder(dest: Path, weights: dict[str, mx.array], config: dict[str, Any], source: Path) -> None:
-    """A Hugging Face model folder: mlx-lm's Llama-family parameter names are the transformers ones.
+    """A Hugging Face model folder: mlx-lm's Llama-family parameter names are the transformers ones, and
+    a mixture-of-experts block's stacked experts are written one tensor per expert, as `save_pretrained`
+    writes them (transformers reads no other layout; mlx-lm reads both).
 
-    A quantized model keeps MLX's `quantization` entry (group size, bits), which mlx-lm reads back.
+    A quantized model keeps MLX's `quantization` entry (group size, bits), which mlx-lm reads back, and
+    its experts stacked: transformers cannot read it anyway, and mlx-lm stacks only plain weights back.
     """
     from mlx_lm.utils import make_shards
 
+    from ftkit_mlx.experts import hf_expert_weights
+
+    if "quantization" not in config:
+        weights = hf_expert_weights(weights, config.get("model_type"))
     dest.mkdir(parents=True, exist_ok=True)
     shards = make_shards(weights)
     index: dict[str, str] = {}

@@ -8,6 +8,7 @@ from ftkit.adapters import layout as adapter_layout
 from ftkit.adapters import targets
 from ftkit.common.errors import AdapterMismatchError, FtkitError
 from ftkit.recipe.schema import MethodSection
+from ftkit_torch.experts import expert_shapes
 
 
 def num_layers(model) -> int:
@@ -17,10 +18,12 @@ def num_layers(model) -> int:
     return n
 
 
-def linear_shapes(model) -> dict[str, tuple[int, int]]:
+def linear_shapes(model) -> dict[str, tuple[int, ...]]:
+    """(out, in) of every linear layer, and (experts, out, in) of every MoE block's expert parameters."""
     import torch
 
-    return {name: (m.out_features, m.in_features) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    shapes = {name: (m.out_features, m.in_features) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    return {**shapes, **expert_shapes(model)}
 
 
 def peft_config(model, method: MethodSection):
@@ -35,10 +38,10 @@ def peft_config(model, method: MethodSection):
             num_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
         )
     n = num_layers(model)
-    target_modules, layers = adapter_layout.target_spec(targets.select(list(linear_shapes(model)), method, n), n)
+    spec = adapter_layout.peft_targets(targets.select(list(linear_shapes(model)), method, n), n)
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM, r=method.rank, lora_alpha=method.alpha, lora_dropout=method.dropout,
-        target_modules=target_modules, layers_to_transform=layers, use_dora=method.kind == "dora",
+        use_dora=method.kind == "dora", **spec,
     )
 
 
