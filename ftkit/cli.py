@@ -556,20 +556,39 @@ def sweep(
 @_errors
 def export(
     src: Annotated[Path, typer.Argument(help="An adapter folder (ftkit, PEFT or mlx_lm; or a hub id), or with --merged also a fused model folder.")],
-    format: Annotated[str, typer.Option("--format", help="gguf: for llama.cpp and Ollama.")] = "gguf",
-    merged: Annotated[bool, typer.Option("--merged", help="Write the fused model (the adapter merged into its base) instead of the adapter.")] = False,
-    outtype: Annotated[Optional[str], typer.Option("--outtype", help="f32 | f16 | bf16 | q8_0. Default: f32 for an adapter, f16 for --merged.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="The .gguf file (default: beside the adapter, named after the run).")] = None,
+    format: Annotated[str, typer.Option("--format", help="gguf: for llama.cpp and Ollama. mlx: mlx-lm's adapter folder (mlx_lm.generate --adapter-path, mlx_lm.server, LM Studio).")] = "gguf",
+    merged: Annotated[bool, typer.Option("--merged", help="Write the fused model (the adapter merged into its base) instead of the adapter (gguf only).")] = False,
+    outtype: Annotated[Optional[str], typer.Option("--outtype", help="gguf: f32 | f16 | bf16 | q8_0. Default: f32 for an adapter, f16 for --merged. mlx: f32.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="The .gguf file, or the mlx-lm adapter folder (default: beside the adapter, named after the run).")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="The base model (default: the one the adapter records).")] = None,
     backend: BackendOpt = "auto",
     force: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Write an adapter as a GGUF LoRA (llama.cpp --lora, Ollama ADAPTER), or with --merged the fused model as GGUF."""
+    """Write an adapter as a GGUF LoRA (llama.cpp --lora, Ollama ADAPTER), or with --merged the fused model as GGUF;
+    with --format mlx as mlx-lm's adapter folder (adapters.safetensors + adapter_config.json)."""
     from ftkit.ops import export_gguf
 
-    if format != "gguf":
-        raise FtkitError(f"--format {format}: ftkit exports gguf (for safetensors, the adapter folder is PEFT's format already; `ftkit fuse` writes a fused model folder).")
+    if format not in ("gguf", "mlx"):
+        raise FtkitError(f"--format {format}: ftkit exports gguf and mlx (for safetensors, the adapter folder is PEFT's format already; `ftkit fuse` writes a fused model folder).")
+    if format == "mlx" and merged:
+        raise FtkitError("--merged is for --format gguf; for mlx-lm, `ftkit fuse ADAPTER --out DIR` writes the fused model folder, which mlx-lm loads as a model (mlx_lm.generate --model DIR).")
+    if format == "mlx" and outtype not in (None, "f32"):
+        raise FtkitError(f"--outtype {outtype} is for --format gguf; an mlx-lm adapter is written in f32.")
+    if format == "mlx":
+        from ftkit.ops.export_mlx import export_mlx
+
+        result = export_mlx(src, out, model=model, force=force)
+        if as_json:
+            _emit(result)
+            return
+        from ftkit.common.console import console
+
+        where = "by full module path" if result["full_paths"] else f"in the last {result['num_layers']} blocks"
+        console().print(f"wrote {result['mlx']} (mlx-lm {result['fine_tune_type']}, {result['modules']} modules {where}, "
+                        f"rank {result['rank']}, scale {result['scale']:g})")
+        console().print(f"  mlx-lm: mlx_lm.generate --model {result['base_model'] or 'BASE'} --adapter-path {result['mlx']}")
+        return
     if merged:
         result = export_gguf.export_merged(src, out, model=model, outtype=outtype or "f16", backend=backend, force=force)
     else:

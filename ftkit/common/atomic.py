@@ -15,21 +15,27 @@ from ftkit.common.errors import FtkitError
 
 
 @contextmanager
-def atomic_file(path: Path, mode: str = "w") -> Iterator[IO]:
-    """Yield a file open for writing (`mode` "w" or "wb"); on success it replaces `path` in one rename,
-    on failure it is removed. The temporary file sits in the same folder: a rename across file systems
-    would not be atomic."""
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` for a writer that opens the file itself (a GGUF writer); on
+    success it replaces `path` in one rename, on failure it is removed. Beside: a rename across file
+    systems would not be atomic."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())  # on disk before the rename, so a crash leaves the old file or the new one
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_file(path: Path, mode: str = "w") -> Iterator[IO]:
+    """Yield a file open for writing (`mode` "w", UTF-8, or "wb"), replacing `path` whole on success."""
+    with atomic_path(path) as tmp, open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+        yield f
 
 
 def write_text_atomic(path: Path, text: str) -> None:

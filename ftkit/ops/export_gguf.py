@@ -3,14 +3,27 @@
 The LoRA file follows llama.cpp's convert_lora_to_gguf.py: general.type = "adapter", adapter.type =
 "lora", adapter.lora.alpha (llama.cpp scales by alpha / rank), and for every adapted linear layer
 `<gguf tensor name>.lora_a` with PEFT's A as it is (numpy (r, in), ggml ne = [in, r]) and `.lora_b`
-with B (numpy (out, r)). Llama-family q/k rows are stored in GGUF's interleaved RoPE order, which
-llama.cpp's converter reaches by permuting the HF rows; a LoRA on q_proj / k_proj gets the same
-permutation of B's rows (W = B A, so permuting W's rows is permuting B's).
+with B (numpy (out, r)). A mixture of experts' LoRA becomes one 3-D pair per projection (A: (n_expert, r,
+in), B: (n_expert, out, r)), which llama.cpp's mul_mat_id reads: per-expert linear LoRAs are stacked, as
+that converter does, and a LoRA on transformers 5's `...experts.gate_up_proj` has its B split into
+ffn_gate_exps and ffn_up_exps (gate rows first; A is shared).
 
-The fused model is written the same way llama.cpp's convert_hf_to_gguf.py writes a Llama-family model:
-its hyperparameters, the byte-level BPE vocabulary and merges, special tokens and chat template, and
-each weight in f32 / f16 / bf16 / q8_0 (norms stay f32). Both files are read back with gguf's reader
-before the command says done.
+Tensor names come from the `gguf` package's own maps (gguf.get_tensor_name_map for the family's
+architecture), so a family costs one line in FAMILIES, not a table of names. What a line says is what
+llama.cpp's convert_hf_to_gguf.py does differently per family:
+- the architecture it writes (Mistral and Mixtral are "llama", Cohere is "command-r", OLMo 3 is "olmo2");
+- whether its class reorders q/k rows from Hugging Face's rotate-half RoPE to GGUF's interleaved pairs
+  (LlamaModel and its subclasses: Llama, Mistral, Mixtral, Granite, SmolLM3). A LoRA on q_proj / k_proj
+  gets the same permutation of B's rows (W = B A, so permuting W's rows is permuting B's);
+- Gemma's norms, whose weight w scales by (1 + w): the fused model stores w + 1.
+The fused model is refused where llama.cpp hard-codes a setting the model does not share (Qwen3-MoE's
+renormalised expert weights, OLMoE with grouped-query attention, Gemma's attention scale, SmolLM3's
+RoPE-less layers): such a GGUF would load and compute another model.
+
+The fused model is written the same way convert_hf_to_gguf.py writes it: the family's hyperparameters,
+the byte-level BPE vocabulary and merges, special tokens and chat template, and each weight in
+f32 / f16 / bf16 / q8_0 (norms stay f32). Both files are read back with gguf's reader before the
+command says done.
 
 The `gguf` package (llama.cpp's own gguf-py) does the writing, the quantization and the reading.
 """
@@ -19,7 +32,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,51 +42,30 @@ import numpy as np
 from ftkit.adapters import layout as adapter_layout
 from ftkit.adapters import meta as adapter_format
 from ftkit.adapters.resolve import resolve
+from ftkit.common.atomic import atomic_path
 from ftkit.common.errors import FtkitError
 from ftkit.common.tensors import read_safetensors
 from ftkit.evaluate.inference import is_model_folder
 from ftkit.models.convert import MARKER
 from ftkit.models.resolve import resolve_model
 from ftkit.ops.fuse import base_model_of, fuse
+from ftkit.ops.gguf_arch import (
+    Family,
+    check_runs_alike,
+    family_of,
+    gguf_name,
+    hparams,
+    load_gguf,
+    n_experts,
+    qk_heads,
+    to_gguf_rope_order,
+)
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 
-# config.json model_type -> (gguf architecture, q/k rows permuted to GGUF's RoPE order)
-ARCHS = {
-    "llama": ("LLAMA", True),
-    "mistral": ("LLAMA", True),
-    "qwen2": ("QWEN2", False),
-    "qwen3": ("QWEN3", False),
-    "phi3": ("PHI3", False),
-}
-
-
-MERGED_ARCHS = ("llama", "mistral")
-
-
-def _gguf():
-    try:
-        import gguf
-    except ImportError as e:
-        raise FtkitError("GGUF export needs the gguf package: pip install 'gguf>=0.10' (in ftkit[torch] and ftkit[dev]).") from e
-    return gguf
-
-
-def to_gguf_rope_order(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """HF's rotate-half q/k rows -> GGUF's interleaved pairs (llama.cpp's `permute`); the inverse of
-    ftkit.convert._interleaved_to_halves."""
-    rows = w.shape[0]
-    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _arch(config: dict[str, Any], what: str, allowed=None) -> tuple[str, bool]:
-    model_type = config.get("model_type")
-    allowed = allowed or ARCHS
-    if model_type not in allowed:
-        raise FtkitError(f"{what}: model_type {model_type!r} is not supported for GGUF export "
-                         f"(supported: {', '.join(allowed)}).")
-    return ARCHS[model_type]
+# Per-expert projections (`...experts.3.gate_proj`, Mixtral's `...experts.3.w1`), stacked into one tensor.
+_EXPERT = re.compile(r"^(?P<head>.+\.experts)\.(?P<index>\d+)\.(?P<leaf>[^.]+)(?P<suffix>\.weight|\.bias)?$")
 
 
 def _base_config(adapter: Path, model: str | None) -> tuple[dict[str, Any], str]:
@@ -87,11 +80,12 @@ def _base_config(adapter: Path, model: str | None) -> tuple[dict[str, Any], str]
     return json.loads(path.read_text()), base
 
 
-def _encode(gguf, arr: np.ndarray, outtype: str) -> tuple[np.ndarray, Any]:
-    """(data, raw_dtype) for GGUFWriter.add_tensor; 1-D tensors and rows q8_0 cannot block stay f32."""
+def _encode(gguf, arr: np.ndarray, outtype: str, keep_f32: bool = False) -> tuple[np.ndarray, Any]:
+    """(data, raw_dtype) for GGUFWriter.add_tensor; 1-D tensors (and `keep_f32` ones) stay f32, rows q8_0
+    cannot block become f16."""
     arr = np.ascontiguousarray(arr, dtype=np.float32)
     q = gguf.GGMLQuantizationType
-    if arr.ndim == 1 or outtype == "f32":
+    if arr.ndim == 1 or keep_f32 or outtype == "f32":
         return arr, None
     if outtype == "f16":
         return arr.astype(np.float16), None
@@ -100,6 +94,11 @@ def _encode(gguf, arr: np.ndarray, outtype: str) -> tuple[np.ndarray, Any]:
     if arr.shape[-1] % block:
         return arr.astype(np.float16), None  # llama.cpp's converter falls back the same way
     return gguf.quants.quantize(arr, kind), kind
+
+
+# What convert_hf_to_gguf.py keeps in f32 whatever the outtype: norms (Cohere's q/k norms are 2-D) and
+# the expert routers, whose small logits decide which experts run.
+_F32_TENSOR = re.compile(r"(_norm|\.ffn_gate_inp|\.ffn_gate_inp_shexp)\.weight$")
 
 
 def _file_type(gguf, outtype: str):
@@ -114,14 +113,70 @@ def _write(writer) -> None:
     writer.close()
 
 
-def _tmp_for(out: Path) -> Path:
-    return out.with_name(f".{out.name}.tmp-{os.getpid()}")
+def _stack_lora_experts(pairs: dict[str, tuple[np.ndarray, np.ndarray]], n_experts: int,
+                        where: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-expert LoRA pairs -> one (n_expert, ...) pair per projection, as convert_lora_to_gguf.py stacks
+    them; an expert the adapter leaves alone gets zeros (it adds nothing)."""
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    experts: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
+    for module, pair in pairs.items():
+        match = _EXPERT.match(module)
+        if match is None:
+            out[module] = pair
+            continue
+        index = int(match["index"])
+        if index >= n_experts:
+            raise FtkitError(f"{where}: {module} is expert {index}, but the base model has {n_experts} experts.")
+        experts.setdefault(f"{match['head']}.{match['leaf']}", {})[index] = pair
+    for module, by_index in experts.items():
+        a0, b0 = next(iter(by_index.values()))
+        zeros = (np.zeros_like(a0), np.zeros_like(b0))
+        stack = [by_index.get(i, zeros) for i in range(n_experts)]
+        out[module] = (np.stack([a for a, _ in stack]), np.stack([b for _, b in stack]))
+    return out
+
+
+def _split_gate_up(name: str, arr: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """transformers 5 keeps a block's experts as `...experts.gate_up_proj` (gate rows first) and
+    `...experts.down_proj`; llama.cpp keeps ffn_gate_exps and ffn_up_exps apart, as its converter splits them."""
+    if not _is_expert_param(name, arr) or not name.endswith(".gate_up_proj"):
+        return [(name, arr)]
+    head = name.removesuffix(".gate_up_proj")
+    gate, up = np.split(arr, 2, axis=1)  # (experts, rows, ...): a weight's rows, or a LoRA B's
+    return [(f"{head}.gate_proj", gate), (f"{head}.up_proj", up)]
+
+
+def _is_expert_param(name: str, arr: np.ndarray) -> bool:
+    return arr.ndim == 3 and name.endswith((".experts.gate_up_proj", ".experts.down_proj"))
+
+
+def lora_tensors(weights, config: dict[str, Any], family: Family, names, arch_name: str,
+                 where: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{gguf base tensor name: (A, B)} in llama.cpp's layout, from PEFT's per-module A and B (and ftkit's
+    per-expert a (experts, r, in), b (experts, out, r) for a MoE block's expert parameters)."""
+    pairs = {}
+    for module in weights.modules:
+        a = weights.a[module]
+        # W = B A row by row: splitting W's rows into gate and up splits B's, A is shared.
+        pairs.update({m: (a, b) for m, b in _split_gate_up(module, weights.b[module])})
+    pairs = _stack_lora_experts(pairs, n_experts(config), where)
+    heads = qk_heads(config)
+    tensors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for module, (a, b) in pairs.items():
+        gname = gguf_name(names, module + ".weight", where, arch_name)
+        leaf = module.rsplit(".", 1)[-1]
+        if family.permute_qk and leaf in heads:
+            b = to_gguf_rope_order(b, heads[leaf])
+        if gname in tensors:
+            raise FtkitError(f"{where}: two modules map to the GGUF tensor {gname}; llama.cpp reads one LoRA per tensor.")
+        tensors[gname] = (a, b)
+    return tensors
 
 
 def export_lora(adapter: Path, out: Path | None = None, *, model: str | None = None, outtype: str = "f32",
                 force: bool = False) -> dict[str, Any]:
     """The adapter as a llama.cpp GGUF LoRA; returns what was written (path, bytes, tensors, alpha)."""
-    gguf = _gguf()
+    gguf = load_gguf()
     if outtype not in OUTTYPES:
         raise FtkitError(f"--outtype {outtype}: choose one of {', '.join(OUTTYPES)}.")
     adapter = resolve(adapter)
@@ -131,12 +186,9 @@ def export_lora(adapter: Path, out: Path | None = None, *, model: str | None = N
         hint = "merge it first: ftkit export ... --merged writes the fused model" if kind == "dora" else "llama.cpp loads LoRA adapters only"
         raise FtkitError(f"{adapter}: a {kind} adapter; llama.cpp's GGUF adapters are plain LoRA ({hint}).")
     base, base_name = _base_config(adapter, model)
-    arch_name, permute = _arch(base, str(adapter))
-    arch = getattr(gguf.MODEL_ARCH, arch_name)
-    n_layers = base["num_hidden_layers"]
-    n_head = base["num_attention_heads"]
-    n_kv = base.get("num_key_value_heads") or n_head
-    names = gguf.get_tensor_name_map(arch, n_layers)
+    family, arch = family_of(gguf, base, str(adapter))
+    writer_arch = gguf.MODEL_ARCH_NAMES[arch]
+    names = gguf.get_tensor_name_map(arch, base["num_hidden_layers"])
     out = Path(out) if out else _default_out(adapter, f"lora-{outtype}")
     if out.exists() and not force:
         raise FtkitError(f"{out} already exists; pass --force to replace it, or choose another --out.")
@@ -146,41 +198,25 @@ def export_lora(adapter: Path, out: Path | None = None, *, model: str | None = N
     (r,) = rank
     # llama.cpp scales every module by alpha / rank; rsLoRA's lora_alpha / sqrt(r) needs alpha * sqrt(r) here.
     alpha = float(config.get("lora_alpha", 8)) * (math.sqrt(r) if config.get("use_rslora") else 1.0)
+    tensors = lora_tensors(weights, base, family, names, writer_arch, str(adapter))
 
-    tensors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for module in weights.modules:
-        gname = names.get_name(module + ".weight", try_suffixes=(".weight",))
-        if gname is None:
-            raise FtkitError(f"{adapter}: no GGUF tensor for {module} (architecture {arch_name}).")
-        a, b = weights.a[module], weights.b[module]
-        leaf = module.rsplit(".", 1)[-1]
-        if permute and leaf in ("q_proj", "k_proj"):
-            b = to_gguf_rope_order(b, n_head if leaf == "q_proj" else n_kv)
-        tensors[gname] = (a, b)
-
-    writer_arch = gguf.MODEL_ARCH_NAMES[arch]
-    tmp = _tmp_for(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(tmp), writer_arch)
-    writer.add_type(gguf.GGUFType.ADAPTER)
-    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-    writer.add_name(f"{Path(base_name).name} LoRA (ftkit)")
-    writer.add_file_type(_file_type(gguf, outtype))
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    for gname, (a, b) in sorted(tensors.items()):
-        for suffix, arr in ((".lora_a", a), (".lora_b", b)):
-            data, raw = _encode(gguf, arr, outtype)
-            writer.add_tensor(gname + suffix, data, raw_dtype=raw)
-    try:
+    with atomic_path(out) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), writer_arch)
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        writer.add_name(f"{Path(base_name).name} LoRA (ftkit)")
+        writer.add_file_type(_file_type(gguf, outtype))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for gname, (a, b) in sorted(tensors.items()):
+            for suffix, arr in ((".lora_a", a), (".lora_b", b)):
+                data, raw = _encode(gguf, arr, outtype)
+                writer.add_tensor(gname + suffix, data, raw_dtype=raw)
         _write(writer)
         check = read_gguf(tmp)
         want = {f"{g}{s}" for g in tensors for s in (".lora_a", ".lora_b")}
         if set(check["tensors"]) != want or check["fields"].get("general.type") != "adapter":
-            raise FtkitError(f"{tmp}: the written file does not read back with the tensors it should hold.")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+            raise FtkitError(f"{out}: the written file does not read back with the tensors it should hold.")
     return {"gguf": str(out), "bytes": out.stat().st_size, "tensors": 2 * len(tensors), "modules": len(tensors),
             "rank": r, "alpha": alpha, "architecture": writer_arch, "outtype": outtype, "adapter": str(adapter)}
 
@@ -194,7 +230,7 @@ def _default_out(src: Path, tag: str) -> Path:
 
 def read_gguf(path: Path) -> dict[str, Any]:
     """{"fields": scalar metadata, "tensors": {name: (numpy array as stored, ggml type name)}}."""
-    gguf = _gguf()
+    gguf = load_gguf()
     reader = gguf.GGUFReader(str(path))
     fields = {}
     for key, field in reader.fields.items():
@@ -209,9 +245,13 @@ def read_gguf(path: Path) -> dict[str, Any]:
 def _vocab(gguf, writer, folder: Path, tok, config: dict[str, Any]) -> None:
     """Byte-level BPE vocabulary as llama.cpp's `gpt2` tokenizer model (what SmolLM2, Llama 3, Qwen use)."""
     fast = getattr(tok, "backend_tokenizer", None)
-    model = json.loads(fast.to_str())["model"] if fast is not None else {}
-    if model.get("type") != "BPE":
-        raise FtkitError(f"{folder}: a {model.get('type') or type(tok).__name__} tokenizer; ftkit exports byte-level BPE "
+    spec = json.loads(fast.to_str()) if fast is not None else {}
+    model = spec.get("model") or {}
+    # A sentencepiece vocabulary carried as BPE (Llama 2, Mistral v0.1, Gemma: byte fallback, "▁" for spaces)
+    # would tokenize differently under llama.cpp's gpt2 model; its converter writes those as "llama".
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        what = "sentencepiece-style (byte fallback)" if model.get("byte_fallback") else (model.get("type") or type(tok).__name__)
+        raise FtkitError(f"{folder}: a {what} tokenizer; ftkit exports byte-level BPE "
                          "vocabularies to GGUF (llama.cpp's convert_hf_to_gguf.py handles sentencepiece ones).")
     vocab = tok.get_vocab()
     size = max(config.get("vocab_size", 0), max(vocab.values()) + 1)
@@ -272,7 +312,7 @@ def export_merged(src: Path, out: Path | None = None, *, model: str | None = Non
     """A fused model (a model folder, or an adapter fused onto its base first) as a llama.cpp GGUF."""
     import tempfile
 
-    gguf = _gguf()
+    gguf = load_gguf()
     if outtype not in OUTTYPES:
         raise FtkitError(f"--outtype {outtype}: choose one of {', '.join(OUTTYPES)}.")
     src = Path(src)
@@ -280,7 +320,7 @@ def export_merged(src: Path, out: Path | None = None, *, model: str | None = Non
     with tempfile.TemporaryDirectory(prefix="ftkit-export-") as scratch:
         folder = src
         if not (src.is_dir() and is_model_folder(src)):
-
+            family_of(gguf, _base_config(resolve(src), model)[0], str(src))  # before the fuse, not after it
             folder = Path(scratch) / "fused"
             fuse(src, folder, model=model, backend_name=backend, dequantize=True, force=True)
             meta = adapter_format.read_meta(folder) or {}
@@ -293,65 +333,89 @@ def export_merged(src: Path, out: Path | None = None, *, model: str | None = Non
         return _write_model(gguf, folder, out, outtype, base_path)
 
 
+def _shards(folder: Path) -> Iterator[tuple[Path, str, np.ndarray]]:
+    for shard in sorted(folder.glob("*.safetensors")):
+        for key, arr in read_safetensors(shard).items():  # bfloat16 comes back as float32
+            yield shard, key, arr.astype(np.float32)
+
+
+def _stacked_experts(tensors: Iterator[tuple[Path, str, np.ndarray]], n_experts: int) -> Iterator[tuple[Path, str, np.ndarray]]:
+    """Per-expert weights -> one (n_expert, out, in) tensor per projection, yielded once every expert of
+    it has been read (they may span shards), as convert_hf_to_gguf.py merges them."""
+    pending: dict[str, dict[int, np.ndarray]] = {}
+    for shard, key, arr in tensors:
+        match = _EXPERT.match(key)
+        if match is None or not n_experts:
+            yield shard, key, arr
+            continue
+        name = f"{match['head']}.{match['leaf']}{match['suffix'] or ''}"
+        pending.setdefault(name, {})[int(match["index"])] = arr
+        if len(pending[name]) == n_experts:
+            parts = pending.pop(name)
+            yield shard, name, np.stack([parts[i] for i in range(n_experts)])
+    if pending:
+        raise FtkitError(f"expert tensors {sorted(pending)[:3]} miss some of the model's {n_experts} experts.")
+
+
+def _unfused(tensors: Iterator[tuple[Path, str, np.ndarray]]) -> Iterator[tuple[Path, str, np.ndarray]]:
+    """A checkpoint saved in transformers 5's in-memory expert layout: gate_up_proj split, .weight added."""
+    for shard, key, arr in tensors:
+        if not _is_expert_param(key, arr):
+            yield shard, key, arr
+            continue
+        for name, part in _split_gate_up(key, arr):
+            yield shard, name + ".weight", part
+
+
+def _model_tensors(gguf, folder: Path, config: dict[str, Any], family: Family, arch) -> Iterator[tuple[str, np.ndarray]]:
+    """(gguf name, array) for every weight of the model folder, with the family's conversions applied."""
+    arch_name = gguf.MODEL_ARCH_NAMES[arch]
+    names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+    has_output = gguf.MODEL_TENSOR.OUTPUT in gguf.MODEL_TENSORS[arch]
+    heads = qk_heads(config)
+    for shard, key, arr in _unfused(_stacked_experts(_shards(folder), n_experts(config))):
+        if key.endswith("rotary_emb.inv_freq"):
+            continue
+        if key == "lm_head.weight" and not has_output:
+            # llama.cpp's Gemma and Gemma 2 read the output head from the embeddings.
+            if config.get("tie_word_embeddings") is False:
+                raise FtkitError(f"{shard}: an untied lm_head, but llama.cpp's {arch_name} ties it to the embeddings.")
+            continue
+        gname = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise FtkitError(f"{shard}: no GGUF tensor name for {key} in llama.cpp's {arch_name} architecture.")
+        stem = key.rsplit(".", 1)[0].rsplit(".", 1)[-1]
+        if family.permute_qk and stem in heads:
+            arr = to_gguf_rope_order(arr, heads[stem])
+        if family.norm_shift and key.endswith("norm.weight"):
+            arr = arr + family.norm_shift
+        yield gname, arr
+
+
 def _write_model(gguf, folder: Path, out: Path, outtype: str, base_path: str | None) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     config = json.loads((folder / "config.json").read_text())
-    _arch(config, str(folder), {k: ARCHS[k] for k in MERGED_ARCHS})
-    arch = gguf.MODEL_ARCH.LLAMA
-    n_layers, n_head = config["num_hidden_layers"], config["num_attention_heads"]
-    n_kv = config.get("num_key_value_heads") or n_head
-    hidden = config["hidden_size"]
-    head_dim = config.get("head_dim") or hidden // n_head
-    rope = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta") or 10000.0
-    scaling = config.get("rope_scaling") or {}
-    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-        raise FtkitError(f"{folder}: rope scaling {scaling.get('rope_type', scaling.get('type'))!r} is not exported; "
-                         "use llama.cpp's convert_hf_to_gguf.py for this model.")
-    names = gguf.get_tensor_name_map(arch, n_layers)
+    family, arch = family_of(gguf, config, str(folder))
+    arch_name = gguf.MODEL_ARCH_NAMES[arch]
+    check_runs_alike(config, family, arch_name, folder)
     tok = AutoTokenizer.from_pretrained(folder)
 
-    tmp = _tmp_for(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
-    writer.add_name(folder.name if folder.name != "fused" else Path(base_path or "model").name + " (fused, ftkit)")
-    writer.add_context_length(config.get("max_position_embeddings", 2048))
-    writer.add_embedding_length(hidden)
-    writer.add_block_count(n_layers)
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_kv)
-    writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-5))
-    writer.add_rope_freq_base(float(rope))
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_vocab_size(config["vocab_size"])
-    writer.add_file_type(_file_type(gguf, outtype))
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _vocab(gguf, writer, folder, tok, config)
-
-    count = 0
-    for shard in sorted(folder.glob("*.safetensors")):
-        for key, arr in read_safetensors(shard).items():  # bfloat16 comes back as float32
-            if key.endswith("rotary_emb.inv_freq"):
-                continue
-            gname = names.get_name(key, try_suffixes=(".weight", ".bias"))
-            if gname is None:
-                raise FtkitError(f"{shard}: no GGUF tensor name for {key}.")
-            arr = arr.astype(np.float32)
-            if key.endswith("q_proj.weight"):
-                arr = to_gguf_rope_order(arr, n_head)
-            elif key.endswith("k_proj.weight"):
-                arr = to_gguf_rope_order(arr, n_kv)
-            data, raw = _encode(gguf, arr, outtype)
+    with atomic_path(out) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), arch_name)
+        writer.add_name(folder.name if folder.name != "fused" else Path(base_path or "model").name + " (fused, ftkit)")
+        hparams(gguf, writer, config, family, folder)
+        writer.add_file_type(_file_type(gguf, outtype))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        _vocab(gguf, writer, folder, tok, config)
+        count = 0
+        for gname, arr in _model_tensors(gguf, folder, config, family, arch):
+            data, raw = _encode(gguf, arr, outtype, keep_f32=bool(_F32_TENSOR.search(gname)))
             writer.add_tensor(gname, data, raw_dtype=raw)
             count += 1
-    try:
         _write(writer)
         check = read_gguf(tmp)
         if len(check["tensors"]) != count or "tokenizer.ggml.tokens" not in check["fields"]:
-            raise FtkitError(f"{tmp}: the written file does not read back with the tensors it should hold.")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return {"gguf": str(out), "bytes": out.stat().st_size, "tensors": count, "architecture": "llama", "outtype": outtype,
+            raise FtkitError(f"{out}: the written file does not read back with the tensors it should hold.")
+    return {"gguf": str(out), "bytes": out.stat().st_size, "tensors": count, "architecture": arch_name, "outtype": outtype,
             "pre_tokenizer": check["fields"].get("tokenizer.ggml.pre")}
