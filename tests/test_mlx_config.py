@@ -52,6 +52,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "llama-yarn-attention-factor": ("llama", rope("yarn", attention_factor=1.5, **YARN)),
     "llama-dynamic": ("llama", dict(max_position_embeddings=128, **rope("dynamic", factor=4.0))),
     "gemma3_text-linear": ("gemma3_text", dict(rope_scaling={"rope_type": "linear", "factor": 8.0})),
+    # sqrt(80) is not a bfloat16 number: mlx-lm rounds Gemma 3's embedding scale to one, transformers does not in fp32
+    "gemma3_text-hidden80": ("gemma3_text", dict(hidden_size=80)),
     "phi3-longrope": ("phi3", dict(rope_parameters=LONGROPE, original_max_position_embeddings=64)),
     "phi3-longrope-partial": ("phi3", dict(original_max_position_embeddings=64, rope_parameters={
         **LONGROPE, "short_factor": F8[:6], "long_factor": [2 * f for f in F8[:6]], "partial_rotary_factor": 0.75})),

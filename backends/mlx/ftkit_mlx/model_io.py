@@ -40,6 +40,7 @@ def load_base(model_path: Path, trust_remote_code: bool = False,
     except (ValueError, FileNotFoundError) as e:
         raise FtkitError(f"{model_path}: mlx-lm cannot load this model ({e}).") from None
     patches.apply(model, plan)
+    patches.exact_embedding_scale(model, config)
     for key in plan.overrides:
         if key in config:
             loaded[key] = config[key]

@@ -152,3 +152,24 @@ def apply(model: nn.Module, plan: MlxPlan) -> None:
             raise FtkitError(f"{plan.family}: layer {i} has no self_attn.rope in mlx-lm's model, so ftkit cannot give it "
                              "transformers' window or RoPE; use --backend torch for this model.")
         _patch_layer(attn, plan.patches.get(i, LayerPatch()), grouped, plan.max_position_embeddings)
+
+
+def _exact_scale_class(cls: type) -> type:
+    def __call__(self, x: mx.array) -> mx.array:
+        h = cls.__call__(self, x)
+        if h.dtype == mx.bfloat16:  # both libraries round the scale to bfloat16 then
+            return h
+        return h * (mx.array(self.ftkit_scale, h.dtype) / mx.array(self.ftkit_scale, mx.bfloat16).astype(h.dtype))
+
+    return type(f"ExactScale{cls.__name__}", (cls,), {"__call__": __call__})
+
+
+def exact_embedding_scale(model: nn.Module, config: dict[str, Any]) -> None:
+    """mlx-lm's Gemma 3 multiplies the embeddings by sqrt(hidden) rounded to bfloat16 whatever the
+    model's dtype, transformers by sqrt(hidden) in the weights' dtype (0.3% apart at hidden 2560 in
+    fp32): the lookup carries the ratio. A class swap, so parameter paths and the tied head stay."""
+    if config.get("model_type") != "gemma3_text":
+        return
+    emb = model.model.embed_tokens
+    emb.ftkit_scale = float(config["hidden_size"]) ** 0.5
+    emb.__class__ = _exact_scale_class(type(emb))
