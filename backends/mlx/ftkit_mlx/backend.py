@@ -18,6 +18,7 @@ from ftkit.adapters import targets
 from ftkit.common import distributed
 from ftkit.common.errors import FtkitError
 from ftkit.data.batch import Batch
+from ftkit.models.logits import final_transforms
 from ftkit.recipe.schema import Recipe
 from ftkit_mlx import methods, model_io
 from ftkit_mlx import optim as mlx_optim
@@ -162,7 +163,7 @@ class MlxBackend:
     def _check_head(self) -> None:
         """Use the head-only-at-targets path only where it gives the model's own logits (a model whose
         forward post-processes logits, or has no `model.model` decoder, keeps full logits)."""
-        self.head = methods.output_head(self.tuned)
+        self.head = None if final_transforms(self.config) else methods.output_head(self.tuned)
         if self.head is None:
             return
         probe = mx.array((np.arange(16, dtype=np.int32) * 7919 % self.config.get("vocab_size", 256))[None])

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from ftkit.common import distributed
 from ftkit.common.errors import FtkitError
 from ftkit.data.batch import Batch
+from ftkit.models.logits import final_transforms
 from ftkit.recipe.schema import Recipe
 from ftkit_torch import parallel
 from ftkit_torch.loss import HeadLoss
@@ -182,7 +183,7 @@ class TorchBackend:
         self.model.train(train)
         self.train_model = self.model
         self.head_loss = None
-        if train and self.logits_at == "targets" and not cfg.compile:
+        if train and self.logits_at == "targets" and not cfg.compile and not final_transforms(self.model.config.to_dict()):
             self.head_loss = HeadLoss(self.model, self.model.config.get_text_config().vocab_size)
             self._check_head_loss()
         # fp16 has too few exponent bits for small gradients; bf16 and fp32 need no scaling.
