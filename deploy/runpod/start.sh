@@ -5,6 +5,10 @@
 #   - runs `ftkit train RECIPE --backend torch --resume auto` (`ftkit launch` for several GPUs):
 #     a fresh run folder starts, a preempted run continues from its newest complete checkpoint,
 #     a finished run is reported and not retrained;
+#   - passes a signal it gets (SIGTERM: the pod is stopping; SIGINT; SIGUSR1) on to ftkit, which
+#     finishes its step, writes a checkpoint and exits 75 ("resume me"), and waits for that; it then
+#     exits 75 itself, and the next start goes on from the checkpoint. ftkit exiting 75 when this
+#     script got no signal (someone signalled ftkit itself) starts it again with --resume auto;
 #   - exits with ftkit's exit code (or stops the pod / sleeps: FTKIT_WHEN_DONE).
 #
 # Usage: start.sh [RECIPE.toml ...] [ftkit train options]        (no arguments: $FTKIT_RECIPE)
@@ -20,6 +24,7 @@
 #   FTKIT_WHEN_DONE  exit: exit with ftkit's exit code | stop: stop this pod once ftkit exits,
 #                    whatever its exit code (logged) | sleep: keep the pod up for a look around  (exit)
 #   FTKIT_LOG_DIR    ftkit's output is appended to a file here too ("" = none)   ($WORKSPACE/logs)
+#   FTKIT_MAX_RESTARTS  times ftkit is started again after exiting 75 on its own  (10)
 #   HF_HOME, FTKIT_CACHE, PIP_CACHE_DIR: caches, on the volume so that they outlive the pod.
 #   HF_TOKEN (gated models: huggingface_hub reads it itself), WANDB_API_KEY: secrets; never printed.
 set -euo pipefail
@@ -104,12 +109,49 @@ if [ -n "${FTKIT_LOG_DIR-$WORKSPACE/logs}" ]; then
   mkdir -p "${FTKIT_LOG_DIR-$WORKSPACE/logs}"
   log="${FTKIT_LOG_DIR-$WORKSPACE/logs}/$(basename "${args[0]}" .toml)-$(date -u +%Y%m%d-%H%M%S).log"
 fi
-say "${cmd[*]}" 2>&1 | tee -a "$log" >&2
-set +e
-"${cmd[@]}" 2>&1 | tee -a "$log"
-rc=${PIPESTATUS[0]}
-set -e
-say "ftkit exited with $rc" 2>&1 | tee -a "$log" >&2
+# ftkit runs in its own process group (setsid), in the background, so that this script can pass a
+# signal on to all of it (`ftkit launch`: the launcher and every training process) and wait until the
+# checkpoint is written: when PID 1 of a container exits, every other process in it is killed.
+EXIT_RESUME=75  # ftkit's "stopped by a signal after writing a checkpoint: resume me" (EX_TEMPFAIL)
+max_restarts=${FTKIT_MAX_RESTARTS:-10}
+[[ "$max_restarts" =~ ^[0-9]+$ ]] || die "FTKIT_MAX_RESTARTS=$max_restarts: use a number"
+signalled="" got="" pid=""
+forward() {
+  signalled=$1 got=1
+  say "got SIG$1: passing it on to ftkit, which finishes its step, writes a checkpoint and exits $EXIT_RESUME" 2>&1 | tee -a "$log" >&2
+  if [ -n "$pid" ]; then kill -s "$1" -- "-$pid" 2>/dev/null || kill -s "$1" "$pid" 2>/dev/null || true; fi
+}
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+trap 'forward USR1' USR1
+
+group=(setsid)
+command -v setsid >/dev/null || group=()  # without it the signal reaches ftkit's first process only
+restarts=0
+while :; do
+  say "${cmd[*]}" 2>&1 | tee -a "$log" >&2
+  # tee ignores the signals: it must keep copying ftkit's last words
+  "${group[@]}" "${cmd[@]}" > >(trap '' INT TERM USR1; exec tee -a "$log") 2>&1 &
+  pid=$!
+  while :; do  # a trapped signal ends `wait` early: wait again, for ftkit's own exit code
+    got=""
+    set +e; wait "$pid"; rc=$?; set -e
+    [ -n "$got" ] || break
+  done
+  while kill -0 -- "-$pid" 2>/dev/null; do sleep 0.2; done  # the rest of its process group (ftkit launch)
+  say "ftkit exited with $rc" 2>&1 | tee -a "$log" >&2
+  if [ -n "$signalled" ]; then
+    say "stopping on SIG$signalled; the next start goes on from the checkpoint (--resume auto)" 2>&1 | tee -a "$log" >&2
+    exit "$rc"
+  fi
+  if [ "$rc" -eq "$EXIT_RESUME" ] && [ "$restarts" -lt "$max_restarts" ]; then
+    restarts=$((restarts + 1))
+    say "ftkit stopped with a checkpoint (exit $EXIT_RESUME): starting it again with --resume auto ($restarts of at most $max_restarts)" 2>&1 | tee -a "$log" >&2
+    continue
+  fi
+  break
+done
+trap - TERM INT USR1  # from here a signal ends this script as usual (sleep infinity too)
 
 case "$FTKIT_WHEN_DONE" in
   stop)

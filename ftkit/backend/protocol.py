@@ -32,8 +32,16 @@ class Backend(Protocol):
         a step needs no host sync). `sync=False`: more micro-batches of this step follow, so several
         processes need not reduce their gradients yet."""
 
-    def optimizer_step(self, lr: float) -> dict[str, Any]:
-        """Clip, step at `lr`, zero the gradients; return e.g. {"grad_norm": ...} (floats or device scalars)."""
+    def optimizer_step(self, lr: float, skip_nonfinite: bool = False) -> dict[str, Any]:
+        """Clip, step at `lr`, zero the gradients; return e.g. {"grad_norm": ...} (floats or device scalars).
+
+        `skip_nonfinite` (train.on_nonfinite = "skip"): when the gradients hold a NaN or inf, zero them and
+        leave the weights and the optimizer state as they are, as a loss scaler does; the stats then carry
+        "skipped": a host bool, True for such a step (one host sync a step, only in this mode)."""
+
+    def trainable_finite(self) -> bool:
+        """True when every trainable tensor holds finite values only, over all processes (every process
+        calls it). Checked before a checkpoint or the final adapter is written: a reduction on the device."""
 
     def reduce_sum(self, values: list[float]) -> list[float]:
         """Sum each value over the run's processes (the values themselves when there is one)."""

@@ -181,6 +181,16 @@ class TrainSection(Section):
         False, description="Put examples of similar length in the same step (less padding when data.packing is off); each example still once per epoch."
     )
     eval_before: bool = Field(True, description="Validate before the first step.")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description='A step whose gradients are NaN or inf: "stop" (the run stops before anything non-finite is saved; '
+        'the newest checkpoint stays the one --resume auto picks) or "skip" (the update is skipped, as a loss scaler does: the '
+        "data position and the RNG still advance; metrics.jsonl counts skipped_steps; 10 skips in a row stop the run). "
+        "Weights are checked before every checkpoint and the final adapter either way."
+    )
+    allow_data_change: bool = Field(
+        False, description="--resume onto training data that differs from the checkpoint's (its fingerprint of the train "
+        "split): the run goes on from the old data position on the new data. Off: such a resume is refused."
+    )
 
     @model_validator(mode="after")
     def _length(self) -> "TrainSection":

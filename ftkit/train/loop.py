@@ -2,7 +2,8 @@
 
 The loop decides what data each step sees, how micro-batches are weighted, the learning rate, when to
 report, validate and checkpoint, and how a run resumes. A backend only does the tensor math; the metrics
-log (and the trackers it feeds) and the progress bar hear about each step as callbacks.
+log (and the trackers it feeds) and the progress bar hear about each step as callbacks. Nothing non-finite
+is saved (ftkit.train.guard); a signal ends the run after its step with a checkpoint (ftkit.train.interrupt).
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from ftkit.adapters import meta as adapter_format
 from ftkit.adapters import resolve as adapter_layout
 from ftkit.common.atomic import atomic_dir, write_json_atomic, write_text_atomic
 from ftkit.common.console import console
-from ftkit.common.errors import FtkitError
 from ftkit.data import batching
 from ftkit.train import checkpoint as ckpt
 from ftkit.train import prepare
 from ftkit.train.callbacks import CallbackList, TrainingCallback
+from ftkit.train.guard import MAX_SKIPS_IN_A_ROW, nonfinite_error
+from ftkit.train.interrupt import StopSignals
 from ftkit.train.metrics import MetricsCallback, MetricsLog
 from ftkit.train.progress import ProgressCallback
 from ftkit.train.schedule import lr_at
@@ -45,6 +47,7 @@ class StageResult:
     seconds: float = 0.0
     resumed_from: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    interrupted: str | None = None  # the signal that stopped the run after its checkpoint (exit 75: resume me)
 
     def as_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -62,11 +65,26 @@ class Window:
     tokens: int = 0
     steps: int = 0
 
-    def add(self, share: batching.Share) -> None:
-        self.targets, self.tokens, self.steps = self.targets + share.targets, self.tokens + share.tokens, self.steps + 1
+    def add(self, share: batching.Share, skipped: bool = False) -> None:
+        """A step's tokens; a skipped step's targets do not count toward the loss (its loss is not added)."""
+        self.targets, self.tokens, self.steps = self.targets + (0 if skipped else share.targets), self.tokens + share.tokens, self.steps + 1
 
     def restart(self, t: float) -> None:
         self.t, self.loss, self.targets, self.tokens, self.steps = t, 0.0, 0, 0, 0
+
+    def saved(self, loss_sum: float) -> dict[str, Any]:
+        """What a checkpoint keeps of an open window (`loss_sum`: over all processes), so that the resumed run's
+        next report covers the same steps as an unbroken run's."""
+        return {"loss": loss_sum, "targets": self.targets, "tokens": self.tokens, "steps": self.steps,
+                "seconds": time.perf_counter() - self.t}
+
+    @classmethod
+    def restored(cls, saved: dict[str, Any] | None, main: bool) -> Window:
+        now = time.perf_counter()
+        if not saved:
+            return cls(t=now)
+        return cls(t=now - saved["seconds"], loss=saved["loss"] if main else 0.0,  # the sum is summed once
+                   targets=saved["targets"], tokens=saved["tokens"], steps=saved["steps"])
 
 
 class Trainer:
@@ -87,6 +105,10 @@ class Trainer:
         log = MetricsLog(self.run_dir, enabled=self.main, trackers=for_recipe(self.recipe, self.run_dir) if self.main else None)
         self.callbacks = CallbackList([MetricsCallback(log, self.run_dir / "loss.png", self.recipe.name),
                                        ProgressCallback(self.schedule.total_steps, enabled=not self.quiet), *callbacks])
+        self.signals, self.stopped = StopSignals(self._say), False
+        self.window = Window(t=time.perf_counter())
+        self._saved_step: int | None = None  # the step of the newest checkpoint in the run folder
+        self._finite_step = 0  # the newest step whose weights were checked finite
 
     def _say(self, msg: str) -> None:
         if not self.quiet:
@@ -108,6 +130,11 @@ class Trainer:
             "switches": self.info.get("switches", {}),
         }
 
+    def _writing(self, folder: Path):
+        """A full disk or a read-only folder while writing a checkpoint or the adapter: an FtkitError that says so."""
+        return ckpt.writing(folder, lambda: ckpt.checkpoint_bytes(self.run_dir, self.info.get("trainable_params", 0),
+                                                                  self.recipe.train.optimizer))
+
     def _save_adapter_folder(self, dest: Path, state: dict[str, Any]) -> None:
         with atomic_dir(dest, self.world, self.backend.barrier) as tmp:
             self.backend.save_adapter(tmp)  # every process takes part (FSDP gathers the shards); the first writes
@@ -117,49 +144,68 @@ class Trainer:
                 adapter_format.write_meta(tmp, self._meta(state))
 
     def _save_checkpoint(self, state: dict[str, Any]) -> Path:
+        loss_sum = self._check_finite(state)
+        if self.window.steps:
+            state["window"] = self.window.saved(loss_sum)
+        else:
+            state.pop("window", None)
         dest = ckpt.checkpoint_dir(self.run_dir, state["step"])
-        with atomic_dir(dest, self.world, self.backend.barrier) as tmp:
+        with self._writing(dest.parent), atomic_dir(dest, self.world, self.backend.barrier) as tmp:
             self._save_adapter_folder(tmp / "adapter", state)
             (tmp / "state").mkdir(exist_ok=True)
             self.backend.save_state(tmp / "state")  # each process its shard of the optimizer state
             self.backend.barrier()
             if self.main:
                 write_json_atomic(tmp / ckpt.STATE_FILE, state)  # last: marks the folder complete
+        self._saved_step = state["step"]
         if self.main:
             ckpt.prune(self.run_dir, self.recipe.train.keep_checkpoints)
         self.callbacks.on_save(state["step"], dest)
         return dest
 
     def run(self, resume: str | None = None, stop_after: int | None = None) -> StageResult:
-        """Train the stage. `stop_after` ends this run after that step, with a checkpoint to resume from."""
+        """Train the stage. `stop_after` ends this run after that step, with a checkpoint to resume from;
+        so does SIGTERM, SIGINT or SIGUSR1 after the step it lands in (`interrupted` names it)."""
         ok = False
-        try:
-            state, resumed = self._setup(resume)
-            self._steps(state, self.schedule.total_steps if stop_after is None else min(self.schedule.total_steps, stop_after))
-            self._finish(state, stop_after)
-            ok = True
-        finally:
-            self.callbacks.on_end(ok)
+        with self.signals:
+            try:
+                state, resumed = self._setup(resume)
+                self._steps(state, self.schedule.total_steps if stop_after is None else min(self.schedule.total_steps, stop_after))
+                self._finish(state, stop_after)
+                ok = True
+            finally:
+                self.callbacks.on_end(ok)  # the metrics log and the trackers, closed and flushed
         return StageResult(
             name=self.recipe.name or "stage", backend=self.backend.name, run_dir=self.run_dir, adapter=self.run_dir / "adapter",
             steps=state["step"], total_steps=self.schedule.total_steps, first_valid_loss=state.get("first_valid_loss"),
             last_valid_loss=state.get("last_valid_loss"), last_train_loss=state.get("last_train_loss"),
             trained_tokens=state["trained_tokens"], seconds=state["elapsed"],
             resumed_from=str(resumed) if resumed else None, info=self.info,
+            interrupted=(self.signals.name or "a signal to another process") if self.stopped and state["step"] < self.schedule.total_steps else None,
         )
 
     def _setup(self, resume: str | None) -> tuple[dict[str, Any], Path | None]:
         """The run state (step 0 or a checkpoint's, which it also returns), the model on the backend,
         the run record, and the validation before training."""
+        ckpt.check_writable(self.run_dir, resume)
         if self.main:
             ckpt.clean_partial(self.run_dir)
         resumed = prepare.find_resume(self.run_dir, resume)
         state = prepare.start_state(resumed, self.world)
+        data_fp = prepare.data_fingerprint(self.prep.splits.train)
+        note = prepare.check_resume(state, resumed, self.prep, data_fp) if resumed else None
+        state["data_fingerprint"] = data_fp
+        if resumed:
+            self._saved_step = self._finite_step = state["step"]
         self.callbacks.on_start(state["step"], resumed is not None)
         self.loaded = prepare.load(self.prep, self.backend_name, resumed, self.start_adapter)
         self.backend, self.info = self.loaded.backend, self.loaded.backend.describe()
         if self.main:
             write_text_atomic(self.run_dir / "recipe.toml", self.recipe.to_toml())
+            need = ckpt.checkpoint_bytes(self.run_dir, self.info.get("trainable_params", 0), self.recipe.train.optimizer)
+            for warning in (note, ckpt.space_warning(self.run_dir, need, self.recipe.train.keep_checkpoints)):
+                if warning:
+                    console().print(warning, highlight=False)
         record = {"step": state["step"], "kind": "run", "backend": self.backend.name, "processes": self.world.size, **self.info}
         if self.main:  # only the first process writes the record: the machine is looked at once
             record["hardware"] = hardware_summary()
@@ -171,59 +217,89 @@ class Trainer:
         if state["step"] == 0 and self.recipe.train.eval_before and self.prep.splits.valid:
             state["first_valid_loss"] = self._validate(state)
             self.callbacks.on_eval({"step": 0, "kind": "valid", "loss": state["first_valid_loss"]})
+        if state.pop("pending_eval", None) == state["step"] and self.prep.splits.valid:  # a signal cut it short
+            self.callbacks.on_eval({"step": state["step"], "kind": "valid", "loss": self._validate(state)})
         return state, resumed
 
     def _steps(self, state: dict[str, Any], end: int) -> None:
         """The optimizer steps up to `end`, each followed by the report, validation and checkpoint the schedule asks for."""
         sched, cb = self.schedule, self.callbacks
         t0 = time.perf_counter() - state["elapsed"]
-        window = Window(t=time.perf_counter())
+        window = self.window = Window.restored(state.pop("window", None), self.main)
         cb.on_train_begin(state["step"])
         try:
-            while state["step"] < end:
+            stop = self._stop_requested()  # a signal while the model loaded
+            while state["step"] < end and not stop:
                 lr, stats = self._step(state, window)
                 step = state["step"]
                 cb.on_step_end(step, lr)
+                stop = self._stop_requested() and step < sched.total_steps  # the last step just finishes the run
                 if sched.is_report(step):
                     cb.on_report(self._report(state, window, lr, stats, t0))
-                if self.prep.splits.valid and sched.is_eval(step):
+                if self.prep.splits.valid and sched.is_eval(step) and stop:
+                    state["pending_eval"] = step  # the resumed run validates first: the checkpoint comes sooner
+                elif self.prep.splits.valid and sched.is_eval(step):
                     t_eval = time.perf_counter()
                     loss = self._validate(state)
                     window.t += time.perf_counter() - t_eval  # tokens/s counts training time only
                     cb.on_eval({"step": step, "kind": "valid", "loss": loss, "elapsed": time.perf_counter() - t0})
                 state["elapsed"] = time.perf_counter() - t0
-                if sched.is_save(step):
-                    if window.steps:  # never a checkpoint of weights a NaN has reached (a report just checked)
-                        self._window_loss(window, step)
+                if sched.is_save(step) or stop:
                     self._save_checkpoint(state)
         finally:
             cb.on_train_end(state["step"])
+
+    def _stop_requested(self) -> bool:
+        """Whether a signal asked the run to stop; in a multi-process run, whether it reached any process
+        (one all-reduce of a flag per optimizer step), so that all of them save the same step together."""
+        stop = self.signals.requested
+        if self.world.size > 1:
+            (count,) = self.backend.reduce_sum([1.0 if stop else 0.0])
+            stop = count > 0
+        self.stopped = self.stopped or stop
+        return stop
 
     def _step(self, state: dict[str, Any], window: Window) -> tuple[float, dict[str, Any]]:
         """One optimizer step: each micro-batch weighted by the targets of the whole step, over all processes."""
         step = state["step"] + 1
         part = self._step_share(state["position"])
         lr = lr_at(step, self.recipe.train, self.schedule)
+        loss_before = window.loss
         for i in range(part.runs):  # losses stay on the device until the report
             last = i == part.runs - 1  # DDP / FSDP reduce the gradients once, after the last
             if i < len(part.batches):
                 window.loss += self.backend.forward_backward(part.batches[i], 1.0 / part.targets, sync=last)
             else:
                 self.backend.forward_backward(part.filler(), 0.0, sync=last)
-        stats = self.backend.optimizer_step(lr)
+        skip = self.recipe.train.on_nonfinite == "skip"
+        stats = self.backend.optimizer_step(lr, skip_nonfinite=True) if skip else self.backend.optimizer_step(lr)
+        # A skipped step still takes its examples (and its dropout draws): a resumed run moves on alike.
         state.update(step=step, position=state["position"] + self.schedule.examples_per_step)
-        state["trained_tokens"] += part.targets
-        window.add(part)
+        skipped = stats.pop("skipped", False)
+        if skip:
+            state["skipped_steps"] = state.get("skipped_steps", 0) + skipped
+            state["skips_in_a_row"] = state.get("skips_in_a_row", 0) + 1 if skipped else 0
+            if state["skips_in_a_row"] >= MAX_SKIPS_IN_A_ROW:
+                raise nonfinite_error(step - MAX_SKIPS_IN_A_ROW + 1, step, f"{MAX_SKIPS_IN_A_ROW} steps in a row had non-finite "
+                                      'gradients and were skipped (train.on_nonfinite = "skip")', self.recipe.train, self.run_dir)
+        if skipped:
+            window.loss = loss_before
+        else:
+            state["trained_tokens"] += part.targets
+        window.add(part, skipped)
         return lr, stats
 
     def _report(self, state: dict[str, Any], window: Window, lr: float, stats: dict[str, Any], t0: float) -> dict[str, Any]:
         """The training record of the window, which then restarts."""
         loss_sum = self._window_loss(window, state["step"])
         now = time.perf_counter()
-        state["last_train_loss"] = loss_sum / window.targets
-        record = {"step": state["step"], "kind": "train", "loss": state["last_train_loss"], "lr": lr,
+        if window.targets:  # none when every step of the window was skipped
+            state["last_train_loss"] = loss_sum / window.targets
+        record = {"step": state["step"], "kind": "train", "loss": loss_sum / window.targets if window.targets else None, "lr": lr,
                   "tokens_per_sec": window.tokens / max(1e-9, now - window.t), "trained_tokens": state["trained_tokens"],
                   "elapsed": now - t0, **{k: value(v) for k, v in stats.items()}}
+        if self.recipe.train.on_nonfinite == "skip":
+            record["skipped_steps"] = state.get("skipped_steps", 0)
         window.restart(now)
         return record
 
@@ -235,20 +311,31 @@ class Trainer:
     def _finish(self, state: dict[str, Any], stop_after: int | None) -> None:
         """The final adapter once every step is done; a checkpoint to resume from when `stop_after` cut the run short."""
         if state["step"] >= self.schedule.total_steps:
-            self._save_adapter_folder(self.run_dir / "adapter", state)
-            if self.main:
-                write_json_atomic(self.run_dir / "final_state.json", state)
+            self._check_finite(state)
+            state.pop("window", None)  # the last step always reports: nothing is left open
+            with self._writing(self.run_dir):
+                self._save_adapter_folder(self.run_dir / "adapter", state)
+                if self.main:
+                    write_json_atomic(self.run_dir / "final_state.json", state)
             self.callbacks.on_save(state["step"], self.run_dir / "adapter")
-        elif stop_after is not None:
+        elif stop_after is not None and self._saved_step != state["step"]:
             self._save_checkpoint(state)
+
+    def _check_finite(self, state: dict[str, Any]) -> float:
+        """Before anything is written: the trainable tensors and the loss since the last report (returned), all finite."""
+        step = state["step"]
+        if not self.backend.trainable_finite():  # a step's loss predates its update: the weights are checked too
+            raise nonfinite_error(self._finite_step + 1, step, f"the trainable weights hold NaN or inf after step {step}",
+                                  self.recipe.train, self.run_dir)
+        loss_sum = self._window_loss(self.window, step) if self.window.steps else 0.0
+        self._finite_step = step
+        return loss_sum
 
     def _window_loss(self, window: Window, step: int) -> float:
         """The summed training loss since the last report, over all processes; an error if it is not finite."""
         (loss_sum,) = self.backend.reduce_sum([value(window.loss)])
         if not math.isfinite(loss_sum):
-            first = step - window.steps + 1
-            raise FtkitError(f"steps {first}-{step}: the loss is {loss_sum}; lower train.lr or check the data. "
-                             "The checkpoints in the run folder are from before.")
+            raise nonfinite_error(step - window.steps + 1, step, f"the loss is {loss_sum}", self.recipe.train, self.run_dir)
         return loss_sum
 
     def _step_share(self, position: int) -> batching.Share:

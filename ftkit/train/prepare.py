@@ -3,9 +3,13 @@ where a resumed run starts."""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ftkit.adapters import init
 from ftkit.adapters import meta as adapter_format
@@ -65,6 +69,7 @@ def find_resume(run_dir: Path, resume: str | None) -> Path | None:
         return None
     if resume == "auto":
         return existing
+    check_resume_word(resume)
     path = Path(resume)
     if (path / ckpt.STATE_FILE).is_file():
         return path
@@ -72,6 +77,64 @@ def find_resume(run_dir: Path, resume: str | None) -> Path | None:
     if found is None:
         raise FtkitError(f"--resume {resume}: no complete checkpoint there (a folder with {ckpt.STATE_FILE}).")
     return found
+
+
+def check_resume_word(resume: str | None) -> None:
+    """`--resume` is `auto` or a folder; another word (latest, last, yes ...) is told which word it is."""
+    if resume is None or resume == "auto" or Path(resume).exists():
+        return
+    raise FtkitError(f"--resume {resume}: no such checkpoint or run folder. The word is `auto` (--resume auto: the newest "
+                     "complete checkpoint in the run folder, nothing on a fresh one); otherwise give a checkpoint or run folder.")
+
+
+_WHOLE = 1 << 26  # arrays up to 64 MiB are hashed whole; larger ones by 64 evenly spaced 1 MiB blocks
+
+
+def _hash_array(h: "hashlib._Hash", a: np.ndarray, dtype: type) -> None:
+    """Hash `a` as `dtype` (so a cached split and an in-memory one hash alike), a large one by samples."""
+    flat = np.asarray(a).reshape(-1)
+    h.update(f"{len(flat)}".encode())
+    block = (1 << 20) // np.dtype(dtype).itemsize
+    parts = [flat] if len(flat) * np.dtype(dtype).itemsize <= _WHOLE else \
+        [flat[(len(flat) - block) * i // 63 :][:block] for i in range(64)]
+    for part in parts:
+        h.update(np.ascontiguousarray(part, dtype=dtype).tobytes())
+
+
+def data_fingerprint(train: Sequence[Any]) -> str:
+    """A fingerprint of the training split's token ids and loss masks, in order: what a checkpoint's data
+    position means. A token-cache split is hashed from its memory-mapped arrays (a large one by samples)."""
+    if all(hasattr(train, k) for k in ("tokens", "masks", "offsets")):
+        offsets, tokens, masks = train.offsets, train.tokens, train.masks
+    else:
+        lengths = np.fromiter((len(e.ids) for e in train), np.int64, len(train))
+        offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths)])
+        tokens = np.fromiter((t for e in train for t in e.ids), np.int64, int(offsets[-1]))
+        masks = np.fromiter((m for e in train for m in e.mask), np.int64, int(offsets[-1]))
+    h = hashlib.sha256()
+    for a, dtype in ((offsets, np.int64), (tokens, np.int32), (masks, np.int8)):
+        _hash_array(h, a, dtype)
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def check_resume(state: dict[str, Any], resumed: Path, prep: Prepared, data_fp: str) -> str | None:
+    """Refuse a resume that would silently train something else; return a note to print, if any."""
+    total = prep.schedule.total_steps
+    if state["step"] > total:
+        raise FtkitError(f"{resumed} is at step {state['step']}, past this recipe's {total} steps (train.iters / "
+                         "train.epochs): set them to at least that many, or start a new run (output.dir) from its adapter "
+                         f"(method.resume_from = \"{resumed / 'adapter'}\").")
+    saved = state.get("data_fingerprint")
+    if saved is None or saved == data_fp:
+        return None
+    if not prep.recipe.train.allow_data_change:
+        raise FtkitError(f"{resumed} was trained on other data: the training split of {prep.recipe.data.path} differs from "
+                         f"the checkpoint's ({saved} vs {data_fp}), so its data position ({state['position']} examples) "
+                         "would point into different examples. Resume with the data it was trained on, start a new run "
+                         "(output.dir) from its adapter (method.resume_from), or pass --set train.allow_data_change=true to "
+                         "go on from that position on the new data.")
+    return (f"note: the training data differs from {resumed.name}'s; going on from its data position "
+            f"({state['position']} examples) on the new data (train.allow_data_change).")
 
 
 def start_state(resumed: Path | None, world: World) -> dict[str, Any]:

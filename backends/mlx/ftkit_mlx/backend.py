@@ -195,9 +195,14 @@ class MlxBackend:
     def barrier(self) -> None:
         pass
 
-    def optimizer_step(self, lr: float) -> dict[str, Any]:
+    def optimizer_step(self, lr: float, skip_nonfinite: bool = False) -> dict[str, Any]:
         grads, self.grads = self.grads, None
         norm = mlx_optim.global_norm(grads)
+        if skip_nonfinite and not mx.isfinite(norm).item():
+            # No update, and the optimizer's step count stays: reseeding from it, the next step draws this
+            # one's dropout masks again, as a run resumed from a checkpoint here does (exact resume).
+            self._reseed()
+            return {"grad_norm": norm, "skipped": True}
         max_norm = self.recipe.train.max_grad_norm
         if max_norm:
             factor = mx.minimum(max_norm / (norm + 1e-6), 1.0)  # torch's clip_grad_norm_
@@ -208,7 +213,11 @@ class MlxBackend:
         self.optimizer.update(self.tuned, grads)
         mx.eval(self.tuned.trainable_parameters(), self.optimizer.state)
         self._reseed()
-        return {"grad_norm": norm}
+        return {"grad_norm": norm, **({"skipped": False} if skip_nonfinite else {})}
+
+    def trainable_finite(self) -> bool:
+        leaves = [v for _, v in tree_flatten(self.tuned.trainable_parameters())]
+        return bool(mx.all(mx.stack([mx.isfinite(v).all() for v in leaves])).item()) if leaves else True
 
     def _reseed(self) -> None:
         """Dropout's randomness for the next step, as a function of (seed, step).

@@ -315,7 +315,7 @@ class TorchBackend:
             return contextlib.nullcontext()
         return self.train_model.no_sync()
 
-    def optimizer_step(self, lr: float) -> dict[str, Any]:
+    def optimizer_step(self, lr: float, skip_nonfinite: bool = False) -> dict[str, Any]:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         max_norm = self.recipe.train.max_grad_norm
@@ -324,11 +324,13 @@ class TorchBackend:
         norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm if max_norm else float("inf"))
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a sharded norm
         stats: dict[str, Any] = {"grad_norm": norm.detach()}  # tensors: the core reads them at reports only
+        if skip_nonfinite:  # the norm is the same on every process (DDP reduced the gradients; FSDP's is full)
+            stats["skipped"] = not bool(torch.isfinite(norm).item())
         if self.scaler:
             stats["loss_scale"] = self.scaler.get_scale()
             self.scaler.step(self.optimizer)  # skipped when the gradients overflowed
             self.scaler.update()
-        else:
+        elif not stats.get("skipped"):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
@@ -337,6 +339,12 @@ class TorchBackend:
 
     def reduce_sum(self, values: list[float]) -> list[float]:
         return parallel.reduce_sum(values, self.device) if self.world.size > 1 else list(values)
+
+    @torch.no_grad()
+    def trainable_finite(self) -> bool:
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.trainable]  # FSDP: this process's shard
+        ok = bool(torch.stack([torch.isfinite(p).all() for p in local]).all().item()) if local else True
+        return self.reduce_sum([0.0 if ok else 1.0])[0] == 0 if self.world.size > 1 else ok
 
     def barrier(self) -> None:
         if self.world.size > 1:
