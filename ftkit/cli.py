@@ -52,7 +52,7 @@ def _emit(obj: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def _fail(err: Exception, as_json: bool) -> None:
+def _fail(err: Exception, as_json: bool, code: int = 2) -> None:
     from rich.markup import escape
 
     from ftkit.common.console import console
@@ -61,37 +61,121 @@ def _fail(err: Exception, as_json: bool) -> None:
         _emit({"error": str(err)})
     else:
         console().print(f"[red]error:[/] {escape(str(err))}", highlight=False)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# typer's own ends of a command (an exit code, ^C, a usage error): not errors of ftkit's to report.
+_PASS_THROUGH = tuple(t for t in (typer.Exit, typer.Abort, getattr(typer, "TyperException", None)) if isinstance(t, type))
+
+# Set by the root callback on every invocation: --debug, or FTKIT_DEBUG=1 in the environment.
+_debug = {"on": False}
+
+# The argument that says what a command was working on, for the one line an unexpected error becomes.
+_MAIN_ARGS = ("recipes", "recipe", "sweep_file", "src", "run_dir", "adapter", "model")
+
+
+def _doing(command: Callable[..., Any], kwargs: dict[str, Any]) -> str:
+    """`ftkit train r.toml`: the command and its main argument, as the user typed them (the command's
+    words from its function's name: data_summary is `ftkit data summary`, eval_ is `ftkit eval`)."""
+    words = ["ftkit", *command.__name__.rstrip("_").split("_")]
+    for name in _MAIN_ARGS:
+        value = kwargs.get(name)
+        if value:
+            shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+            return " ".join([*words, f"--{name} {shown}" if name in ("adapter", "model") else shown])
+    return " ".join(words)
+
+
+def _os_error(e: OSError, command: Callable[..., Any], kwargs: dict[str, Any]) -> FtkitError:
+    """A file the command could not read or write, named, with what to do (a read-only or full disk ...)."""
+    import errno
+
+    place = f"{e.filename}: " if e.filename else ""
+    hint = {errno.EACCES: "a read-only folder?", errno.EPERM: "a read-only folder?", errno.EROFS: "nothing can be written there",
+            errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+            errno.ENOTDIR: "a part of the path is a file, not a folder", errno.EISDIR: "a folder where a file was expected"}.get(e.errno or -1)
+    reason = e.strerror or str(e)
+    fix = f" --out {kwargs['out']}: choose a writable place." if kwargs.get("out") else (
+        " Free some space, or point the output elsewhere." if e.errno in (errno.ENOSPC, errno.EDQUOT) else "")
+    return FtkitError(f"{_doing(command, kwargs)}: {place}{reason}{f' ({hint})' if hint else ''}.{fix}")
+
 
 def _errors(command: F) -> F:
-    """Report an FtkitError from `command` as `_fail` does (JSON when the command has --json and got it), exit 2.
+    """The one error handler of every command: an FtkitError (or a file the command could not read or
+    write) is printed as one message, exit 2; anything else, an error ftkit did not foresee, becomes one
+    line naming the command and its main argument, exit 1, with the traceback under --debug. Either way
+    as JSON when the command has --json and got it.
 
     functools.wraps keeps the signature typer reads the options from; typer passes every parameter
-    by name, so `as_json` is always a keyword here. typer.Exit is no FtkitError and passes through.
+    by name, so `as_json` is always a keyword here. typer.Exit and click's usage errors pass through.
     """
 
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
+        as_json = bool(kwargs.get("as_json", False))
         try:
             return command(*args, **kwargs)
+        except _PASS_THROUGH:
+            raise
         except FtkitError as e:
-            _fail(e, bool(kwargs.get("as_json", False)))
+            _traceback()
+            _fail(e, as_json)
+        except OSError as e:
+            _traceback()
+            _fail(_os_error(e, command, kwargs), as_json)
+        except Exception as e:  # noqa: BLE001 - the top-level handler: an error nobody foresaw becomes one line
+            _traceback()
+            what = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            hint = "the traceback is above" if _debug["on"] else "run with --debug for the traceback"
+            message = (f"{_doing(command, kwargs)} failed: {type(e).__name__}{': ' + what if what else ''} "
+                       f"(ftkit did not expect this; {hint}).")
+            _fail(FtkitError(message), as_json, code=1)
 
     return run  # type: ignore[return-value]
 
 
+def _traceback() -> None:
+    if _debug["on"]:
+        import traceback
+
+        sys.stderr.write(traceback.format_exc())
+        sys.stderr.flush()
+
+
 def _recipes(paths: list[Path], sets: list[str] | None, check_paths: bool = True):
+    """The recipes, checked as files (ftkit.recipe) and, where model.path is a local model folder,
+    against that model: method.layers within the layers its config.json says it has."""
+    from ftkit.common.errors import RecipeError
     from ftkit.recipe.load import load_recipes
 
-    return load_recipes(paths, sets or [], check_paths=check_paths)
+    stages = load_recipes(paths, sets or [], check_paths=check_paths)
+    if not check_paths:
+        return stages
+    from ftkit.models.folder import CONFIG, layers_problem, read_config
+
+    problems = []
+    for path, r in zip(paths, stages):
+        folder = Path(r.model.path)
+        if not (folder / CONFIG).is_file() or not r.is_adapter:
+            continue  # a hub id or a .gguf: the backend selects the layers once it is resolved
+        problem = layers_problem(folder, read_config(folder), r.method.layers)
+        if problem:
+            problems.append(f"{path}: {problem}")
+    if problems:
+        raise RecipeError(problems)
+    return stages
 
 
 @app.callback(invoke_without_command=True)
-def _root(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False) -> None:
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Print the traceback of an error (also: FTKIT_DEBUG=1).")] = False,
+) -> None:
+    import os
+
+    _debug["on"] = debug or os.environ.get("FTKIT_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
     if version:
         typer.echo(f"ftkit {__version__}")
         raise typer.Exit()
@@ -114,12 +198,18 @@ def train(
 
     require(stages)  # a tracker in log.report_to that is not installed: said before any data or model is read
     if dry_run:
+        from ftkit.data.batching import step_note
         from ftkit.train.prepare import prepare
         from ftkit.train.stages import stage_dirs
 
         plans = []
         for recipe, run_dir in zip(stages, stage_dirs(stages)):
             prep = prepare(recipe, run_dir)
+            note = step_note(len(prep.splits.train), recipe.train.batch_size, recipe.train.grad_accum, prep.world.size)
+            if note:
+                from ftkit.common.console import console
+
+                console().print(f"[yellow]warning:[/] {recipe.name}: {note}", highlight=False)
             plans.append({"stage": recipe.name, "run_dir": str(run_dir), "format": prep.splits.format,
                           "train_on": prep.splits.train_on, "examples": {k: len(getattr(prep.splits, k)) for k in ("train", "valid", "test")},
                           **prep.schedule.as_dict()})
@@ -323,6 +413,10 @@ def generate(
         raise FtkitError(f"--format {fmt}: choose none, {', '.join(chat_formats.NAMES)}.")
     if (prompt is None) == (loom is None):
         raise FtkitError("give the prompt with --prompt, or build it with --loom (one of the two).")
+    if prompt is not None and not prompt.strip():
+        raise FtkitError("--prompt is empty: give the text to continue (or build a prompt with --loom).")
+    if max_tokens < 1:
+        raise FtkitError(f"--max-tokens {max_tokens}: must be >= 1 (the most tokens to generate).")
     sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, min_p=min_p,
                         repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size).check()
     messages = None
@@ -428,8 +522,10 @@ def fuse(
     as_json: JsonOpt = False,
 ) -> None:
     """Merge a LoRA/DoRA adapter into its base and write a plain Hugging Face model folder."""
+    from ftkit.evaluate.evaluation import writable
     from ftkit.ops.fuse import fuse as do_fuse
 
+    writable(out, "--out")
     result = do_fuse(adapter, out, model=model, backend_name=backend, dequantize=dequantize, force=force)
     if as_json:
         _emit(result)
@@ -575,6 +671,10 @@ def export(
         raise FtkitError("--merged is for --format gguf; for mlx-lm, `ftkit fuse ADAPTER --out DIR` writes the fused model folder, which mlx-lm loads as a model (mlx_lm.generate --model DIR).")
     if format == "mlx" and outtype not in (None, "f32"):
         raise FtkitError(f"--outtype {outtype} is for --format gguf; an mlx-lm adapter is written in f32.")
+    if out is not None:
+        from ftkit.evaluate.evaluation import writable
+
+        writable(out, "--out")
     if format == "mlx":
         from ftkit.ops.export_mlx import export_mlx
 
@@ -614,6 +714,10 @@ def report(
     """Write one self-contained HTML page about a run: loss curves, learning rate, eval metrics, recipe, hardware, timings."""
     from ftkit.ops.report import write
 
+    if out is not None:
+        from ftkit.evaluate.evaluation import writable
+
+        writable(out, "--out")
     page = write(run_dir, out)
     if as_json:
         _emit({"report": str(page), "bytes": page.stat().st_size})

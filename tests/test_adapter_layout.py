@@ -122,3 +122,15 @@ def test_initial_values_depend_on_seed_and_name_only():
     assert np.abs(one["base_model.model.a.lora_A.weight"]).max() <= 0.25  # 1/sqrt(16)
     assert not one["base_model.model.a.lora_B.weight"].any()
     np.testing.assert_array_equal(one["base_model.model.a.lora_magnitude_vector"], np.ones(4))  # kept: the base's row norms
+
+
+def test_method_layers_beyond_the_model_is_an_error_not_a_clamp():
+    """Checked where both backends select modules, so hub and GGUF models (no local config.json at
+    recipe time) are refused too."""
+    from ftkit.adapters.targets import select
+    from ftkit.recipe.schema import MethodSection
+
+    paths = [f"model.layers.{i}.self_attn.q_proj" for i in range(5)]
+    assert select(paths, MethodSection(layers=2), 5) == paths[3:]
+    with pytest.raises(FtkitError, match=r"method.layers = 16, but this model has 5 decoder blocks"):
+        select(paths, MethodSection(layers=16), 5)

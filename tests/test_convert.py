@@ -223,8 +223,22 @@ def test_not_a_model_file(tmp_path):
 # --- resolve_model ---
 
 
+def _minimal_model(folder: Path) -> Path:
+    """config.json and a whole (tiny) safetensors file: what resolve_model checks a folder for."""
+    import numpy as np
+
+    from ftkit.common.tensors import write_safetensors
+
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    write_safetensors(folder / "model.safetensors", {"x": np.zeros(2, np.float32)})
+    return folder
+
+
 def test_resolve_model_local_folder_is_itself(tmp_path):
-    assert resolve_model(str(tmp_path)) == tmp_path
+    assert resolve_model(str(_minimal_model(tmp_path))) == tmp_path
+    (tmp_path / "model.safetensors").write_bytes((tmp_path / "model.safetensors").read_bytes()[:-4])
+    with pytest.raises(FtkitError, match="damaged"):  # a folder whose weights are cut short is named, not loaded
+        resolve_model(str(tmp_path))
 
 
 @needs_stories
@@ -243,8 +257,7 @@ def test_resolve_model_hub_id(tmp_path, monkeypatch):
 
     def fake_download(repo_id, revision=None, allow_patterns=None, **kwargs):
         seen.update(repo_id=repo_id, revision=revision, allow_patterns=allow_patterns)
-        (tmp_path / "model.safetensors").write_bytes(b"")
-        return str(tmp_path)
+        return str(_minimal_model(tmp_path))
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)

@@ -99,6 +99,9 @@ def select(linear_paths: list[str], method: MethodSection, num_layers: int) -> l
     in_blocks = [p for p in candidates if block_index(p) is not None]
     chosen = _by_name(candidates, in_blocks, _names(method))
     if method.layers is not None:
+        if method.layers > num_layers:
+            raise FtkitError(f"method.layers = {method.layers}, but this model has {num_layers} decoder blocks; "
+                             "set at most that, or leave method.layers out to adapt every block.")
         first = max(0, num_layers - method.layers)
         chosen = [p for p in chosen if (block_index(p) or 0) >= first]
     if not chosen:

@@ -49,6 +49,8 @@ class Example:
     ids: list[int]
     mask: list[int]  # 1 where token i is a training target (its prediction counts toward the loss)
     truncated: bool = False
+    # Tokens before truncation, where known (freshly encoded; the cache keeps only the split's percentiles).
+    length: int | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -61,6 +63,8 @@ class Splits:
     n_truncated: dict[str, int] = field(default_factory=dict)  # per split, dropped examples included
     sources: dict[str, str] = field(default_factory=dict)  # per split: where its rows came from
     n_dropped: dict[str, int] = field(default_factory=dict)  # per split: examples with no target token
+    lengths: dict[str, dict[str, int]] = field(default_factory=dict)  # per split: p50, p90, p99, max tokens before truncation
+    dropped_where: dict[str, list[str]] = field(default_factory=dict)  # per split: the first dropped rows, each with why
 
 
 def check_batch(batch: Batch) -> Batch:

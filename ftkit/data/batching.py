@@ -56,6 +56,23 @@ def step_indices(n: int, seed: int, position: int, size: int, lengths: Sequence[
     return out
 
 
+def step_note(n_train: int, batch_size: int, grad_accum: int = 1, processes: int = 1) -> str | None:
+    """Fewer training examples than one step takes: a warning, not an error.
+
+    The run is still well defined (a step takes the next examples of the seeded stream, so it holds
+    some examples twice, and every example keeps the same weight over the run), and a handful of rows
+    is what a smoke test uses; but an "epoch" is then more than one pass, which the recipe did not say.
+    """
+    per_step = batch_size * grad_accum * processes
+    if n_train >= per_step:
+        return None
+    parts = f"train.batch_size = {batch_size}" + (f" x train.grad_accum = {grad_accum}" if grad_accum > 1 else "") + (
+        f" x {processes} processes" if processes > 1 else "")
+    return (f"{n_train} training examples, but one step takes {per_step} ({parts}): each step repeats examples "
+            f"({per_step / n_train:.1f} passes over the data per step). Set train.batch_size to {max(1, n_train // (grad_accum * processes))} "
+            "or less, or add data.")
+
+
 def micro_batches(examples: Sequence[Example], batch_size: int, pad_id: int | None, packing: bool) -> list[Batch]:
     if packing:
         return packed_micro_batches(examples, batch_size, pad_id)

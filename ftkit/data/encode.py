@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from ftkit.common.errors import DataError, FtkitError
+from ftkit.common.suggest import did_you_mean
 from ftkit.data import chat_formats
 from ftkit.data.batch import Example, Splits
 from ftkit.data.mapping import read_parts
@@ -12,6 +14,11 @@ from ftkit.data.rows import SPLITS, detect_format
 
 if TYPE_CHECKING:
     from ftkit.recipe.schema import DataSection
+
+
+# The roles chat templates know (the tool role for tool results); anything else, a template would write
+# out as if it were fine, or drop.
+ROLES = ("system", "user", "assistant", "tool")
 
 
 def resolve_train_on(train_on: str, fmt: str, response_template: str | None = None) -> str:
@@ -40,8 +47,8 @@ def encode(row: dict, fmt: str, train_on: str, tokenizer: Any, data: "DataSectio
     else:
         raise DataError(f"unknown data format {fmt!r}; use text, completion or chat.")
     if len(ids) > data.max_seq_length:
-        return Example(ids[: data.max_seq_length], mask[: data.max_seq_length], truncated=True)
-    return Example(ids, mask)
+        return Example(ids[: data.max_seq_length], mask[: data.max_seq_length], truncated=True, length=len(ids))
+    return Example(ids, mask, length=len(ids))
 
 
 def _string(row: dict, key: str) -> str:
@@ -63,7 +70,10 @@ def _messages(row: dict, key: str) -> list[dict]:
         raise DataError(f"'{key}' must be a non-empty list of {{role, content}} messages.")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not m["role"]:
-            raise DataError(f"'{key}' message {i}: needs a 'role' string.")
+            raise DataError(f"'{key}' message {i}: needs a 'role' string ({', '.join(ROLES)}).")
+        if m["role"] not in ROLES:
+            raise DataError(f"'{key}' message {i}: role {m['role']!r} is not a chat role; the roles are "
+                            f"{', '.join(ROLES)}.{did_you_mean(m['role'], ROLES)}")
         if not isinstance(m.get("content"), str):
             raise DataError(f"'{key}' message {i} ({m['role']}): 'content' must be a string.")
     return messages
@@ -276,26 +286,58 @@ def tokenize_splits(data: "DataSection", tokenizer: Any) -> Splits:
             "(the marker after which the completion starts), or set data.train_on = 'all'."
         )
     out: dict[str, list[Example]] = {}
-    n_truncated, n_dropped = {}, {}
+    n_truncated, n_dropped, lengths, dropped_where = {}, {}, {}, {}
     for split in SPLITS:
         part = parts[split]
-        examples, truncated, dropped = [], 0, 0
+        examples, truncated, dropped, full, where_dropped = [], 0, 0, [], []
         for i, (row, where) in enumerate(zip(part.rows, part.where)):
             try:
                 ex = encode(row, fmt, train_on, tokenizer, data)
             except DataError as e:
                 raise DataError(f"{where} ({split} row {i + 1}): {e}") from None
             truncated += ex.truncated
+            full.append(ex.length or len(ex.ids))
             if not any(ex.mask[1:]):  # mask[0] predicts nothing; such an example adds no loss
                 dropped += 1
+                if len(where_dropped) < 3:
+                    where_dropped.append(f"{where} ({_why_no_target(row, ex, fmt, train_on, data)})")
                 continue
             examples.append(ex)
         if part.rows and not examples:
             raise DataError(
                 f"{part.source}: none of the {len(part.rows)} {split} examples has a token to train on "
-                f"(loss on {train_on}, max_seq_length {data.max_seq_length}). Check data.train_on, "
+                f"(loss on {train_on}, max_seq_length {data.max_seq_length}), e.g. {where_dropped[0]}. Check data.train_on, "
                 "data.response_template, or raise data.max_seq_length."
             )
         out[split], n_truncated[split], n_dropped[split] = examples, truncated, dropped
+        lengths[split], dropped_where[split] = length_percentiles(full), where_dropped
     sources = {split: parts[split].source for split in SPLITS}
-    return Splits(**out, format=fmt, train_on=train_on, n_truncated=n_truncated, sources=sources, n_dropped=n_dropped)
+    return Splits(**out, format=fmt, train_on=train_on, n_truncated=n_truncated, sources=sources, n_dropped=n_dropped,
+                  lengths=lengths, dropped_where=dropped_where)
+
+
+def length_percentiles(lengths: list[int]) -> dict[str, int]:
+    """p50, p90, p99 (nearest rank: always an actual example's length) and max of a split's lengths."""
+    ordered = sorted(lengths)
+    if not ordered:
+        return {}
+    def at(p: int) -> int:
+        return ordered[max(math.ceil(p / 100 * len(ordered)) - 1, 0)]
+
+    return {"p50": at(50), "p90": at(90), "p99": at(99), "max": ordered[-1]}
+
+
+def _why_no_target(row: dict, ex: Example, fmt: str, train_on: str, data: DataSection) -> str:
+    """Why an example has no token to train on, in a few words for the message that leaves it out."""
+    if fmt == "chat" and train_on == "completion":
+        try:
+            roles = [m["role"] for m in chat_messages(row, data)]
+        except DataError:
+            roles = []
+        if "assistant" not in roles:
+            return "no assistant turn; with data.train_on = 'completion' only assistant turns are trained"
+    if ex.truncated:
+        return f"the prompt fills data.max_seq_length = {data.max_seq_length}"
+    if fmt == "text" and train_on == "completion":
+        return "nothing after data.response_template"
+    return f"no target token with data.train_on = '{train_on}'"

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from ftkit.common.errors import DataError
 from ftkit.common.hub import looks_like_hub_id
+from ftkit.common.suggest import missing_path
 
 if TYPE_CHECKING:
     from ftkit.recipe.schema import DataSection
@@ -61,7 +62,8 @@ def read_source(data: "DataSection") -> dict[str, Part]:
     elif looks_like_hub_id(data.path):
         parts = _read_hub(data)
     else:
-        raise DataError(f"data.path: {data.path} does not exist (a folder, a data file, or a `datasets` hub id 'org/name').")
+        raise DataError(f"data.path: {data.path} does not exist: no such file or folder (a folder, a data file, or a "
+                        f"`datasets` hub id 'org/name').{missing_path(data.path)}")
     if not parts["train"].rows:
         raise DataError(f"{parts['train'].source}: the training data has no rows.")
     return _hold_out(parts, data)
@@ -105,8 +107,17 @@ def _read_file(path: Path) -> tuple[list[dict], list[str]]:
             return _read_csv(path, "\t" if suffix == ".tsv" else ",")
         if suffix == ".parquet":
             return _read_parquet(path)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e}).") from None
+    except UnicodeDecodeError:
+        raw = path.read_bytes()
+        try:
+            raw.decode("utf-8-sig")
+            at = None
+        except UnicodeDecodeError as e:
+            at = e.start
+        line = raw[:at].count(b"\n") + 1 if at is not None else None
+        place = f"{path}:{line}" if line else str(path)
+        byte = f" (byte {raw[at]:#04x})" if at is not None else ""
+        raise DataError(f"{place}: not UTF-8 text{byte}; save the file as UTF-8 (e.g. iconv -f cp1252 -t utf-8).") from None
     raise DataError(f"{path}: unsupported file type '{suffix}'; use one of {', '.join(EXTENSIONS)}.")
 
 
@@ -163,7 +174,11 @@ def _read_parquet(path: Path) -> tuple[list[dict], list[str]]:
         import pyarrow.parquet as pq  # lazy: optional extra
     except ImportError:
         raise DataError(f"{path}: reading parquet needs pyarrow: pip install 'ftkit[data]'.") from None
-    rows = pq.read_table(path).to_pylist()
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError; a cut file an OSError
+        raise DataError(f"{path}: not a readable parquet file ({str(e).splitlines()[0][:200]}): cut short or damaged? "
+                        "Write or download it again.") from None
     return rows, [f"{path} row {i}" for i in range(1, len(rows) + 1)]
 
 

@@ -9,7 +9,7 @@ from ftkit.data.batch import Splits
 from ftkit.data.rows import SPLITS
 
 if TYPE_CHECKING:
-    pass
+    from ftkit.recipe.schema import DataSection
 
 
 def _percentile(sorted_values: list[int], p: float) -> int:
@@ -41,4 +41,37 @@ def summarize(splits: Splits, max_seq_length: int) -> dict:
             + sum(1 for e in examples if not e.truncated and len(e.ids) > max_seq_length),
             "dropped": splits.n_dropped.get(split, 0),
         }
+    return out
+
+
+def notes(splits: Splits, data: DataSection, limit: int | None = None) -> list[str]:
+    """What the data does that the recipe did not ask for in so many words, one sentence each: examples
+    cut to data.max_seq_length (with the lengths that would keep them whole), examples left out for
+    having no token to train on (how many, why, where), and a valid file with no rows. Said on every
+    run, from the tokenized splits, whether they were tokenized now or read from the cache. `limit`: the
+    model's context, which no suggested max_seq_length passes."""
+    out = []
+    for split in SPLITS:
+        n = len(getattr(splits, split)) + splits.n_dropped.get(split, 0)
+        cut = splits.n_truncated.get(split, 0)
+        if cut:
+            pct = splits.lengths.get(split) or {}
+            spread = ""
+            if pct:
+                keeps = "keeps them all whole" if pct["p99"] == pct["max"] else "keeps 99% whole"
+                fix = (f"data.max_seq_length = {pct['p99']} {keeps}" if limit is None or pct["p99"] <= limit
+                       else f"the model takes at most {limit} tokens (data.max_seq_length = {limit})")
+                spread = (f" Their lengths before cutting: p50 {pct['p50']}, p90 {pct['p90']}, p99 {pct['p99']}, "
+                          f"max {pct['max']} tokens; {fix}.")
+            out.append(f"{cut} of {n} {split} examples ({100 * cut / max(n, 1):.0f}%) are longer than data.max_seq_length = "
+                       f"{data.max_seq_length} and are cut to it (their ends are not trained on).{spread}")
+        dropped = splits.n_dropped.get(split, 0)
+        if dropped:
+            where = "; ".join(splits.dropped_where.get(split, []))
+            out.append(f"{dropped} of {n} {split} examples have no token to train on (loss on {splits.train_on}) and are left out"
+                       f"{': ' + where if where else ''}{' ...' if dropped > len(splits.dropped_where.get(split, [])) else ''}.")
+    source = splits.sources.get("valid", "(none)")
+    if not splits.valid and not splits.n_dropped.get("valid") and source != "(none)":
+        out.append(f"{source}: the valid split has no rows, so this run reports no validation loss. Add rows to it, or remove "
+                   f"the file to hold out data.valid_fraction ({data.valid_fraction}) of the training rows.")
     return out

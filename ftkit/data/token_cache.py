@@ -20,21 +20,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from rich.markup import escape
 
+from ftkit.common import distributed
 from ftkit.common.atomic import atomic_dir
+from ftkit.common.console import console
 from ftkit.common.fingerprints import fingerprint_tokenizer
 from ftkit.common.hub import looks_like_hub_id
 from ftkit.common.paths import cache_root
 from ftkit.data.batch import Example, Splits
 from ftkit.data.encode import tokenize_splits
 from ftkit.data.rows import SPLITS
+from ftkit.data.stats import notes
+from ftkit.models.folder import CONFIG, context_length, context_problem
 
 if TYPE_CHECKING:
     from ftkit.recipe.schema import DataSection
 
 
-# Bump when encoding changes what a row turns into, so older cache entries are not reused.
-ENCODING_VERSION = 1
+# Bump when encoding changes what a row turns into (or what an entry records), so older entries are not reused.
+ENCODING_VERSION = 2
 
 
 _PROBE = "Hello, world!\n  Two  spaces\tand a tab. <|im_start|>user\nÜnïcödé 123"
@@ -136,7 +141,8 @@ def load(data: Any, tokenizer: Any, tokenize: Callable[[Any, Any], Splits]) -> S
     meta = json.loads((folder / "meta.json").read_text())
     stores = {split: TokenStore(folder, split) for split in SPLITS}
     return Splits(**stores, format=meta["format"], train_on=meta["train_on"], n_truncated=meta["n_truncated"],
-                  sources=meta["sources"], n_dropped=meta["n_dropped"])
+                  sources=meta["sources"], n_dropped=meta["n_dropped"], lengths=meta.get("lengths", {}),
+                  dropped_where=meta.get("dropped_where", {}))
 
 
 def _store(folder: Path, splits: Splits) -> None:
@@ -145,14 +151,46 @@ def _store(folder: Path, splits: Splits) -> None:
         for split in SPLITS:
             _write_split(tmp, split, getattr(splits, split))
         meta = {"format": splits.format, "train_on": splits.train_on, "n_truncated": splits.n_truncated,
-                "sources": splits.sources, "n_dropped": splits.n_dropped}
+                "sources": splits.sources, "n_dropped": splits.n_dropped, "lengths": splits.lengths,
+                "dropped_where": splits.dropped_where}
         (tmp / "meta.json").write_text(json.dumps(meta))
 
 
-def load_splits(data: "DataSection", tokenizer: Any) -> Splits:
+def load_splits(data: "DataSection", tokenizer: Any, quiet: bool = False) -> Splits:
     """The recipe's data as tokenized splits: from ftkit's token cache (memory-mapped, ftkit.token_cache)
-    when data.cache is on and nothing they depend on changed; tokenized (and cached) otherwise."""
-    if not data.cache:
-        return tokenize_splits(data, tokenizer)
+    when data.cache is on and nothing they depend on changed; tokenized (and cached) otherwise.
 
-    return load(data, tokenizer, tokenize_splits)
+    Either way, what the data does that the recipe does not say is printed (unless `quiet`), from the
+    splits themselves, so a rerun whose tokens are cached says it as the first run did: examples cut to
+    data.max_seq_length, examples left out, an empty valid file, and a data.max_seq_length beyond the
+    model's context (with the examples that are longer than it). A warning, not an error: transformers
+    itself only warns, RoPE models run past their config's max_position_embeddings (worse, not broken),
+    and the recipe may be meant for a longer-context model than the one it runs on now."""
+    splits = tokenize_splits(data, tokenizer) if not data.cache else load(data, tokenizer, tokenize_splits)
+    context = model_context(tokenizer)
+    limit = context_length(context[1]) if context is not None else None
+    said = [] if quiet else notes(splits, data, limit[0] if limit else None)
+    if not quiet and context is not None and limit is not None and data.max_seq_length > limit[0]:
+        longer = {split: int(np.sum(np.asarray(_lengths(getattr(splits, split))) > limit[0])) for split in SPLITS}
+        problem = context_problem(*context, data.max_seq_length, longer, "max_seq_length" in data.model_fields_set)
+        if problem:
+            said.append(problem)
+    if said and distributed.current().is_main:
+        for line in said:
+            console().print(f"[yellow]warning:[/] data: {escape(line)}", highlight=False)
+    return splits
+
+
+def model_context(tokenizer: Any) -> tuple[Path, dict] | None:
+    """(model folder, its config) for a tokenizer loaded from a model folder (ftkit.models.tokenizer), else None."""
+    folder = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
+    if not folder.name or not (folder / CONFIG).is_file():
+        return None
+    try:
+        return folder, json.loads((folder / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _lengths(examples: Sequence[Example]) -> Sequence[int]:
+    return examples.lengths() if isinstance(examples, TokenStore) else [len(e.ids) for e in examples]

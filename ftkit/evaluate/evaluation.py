@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 from pathlib import Path
 from typing import Any
 
 from ftkit.backend.protocol import Backend
+from ftkit.common.atomic import write_text_atomic
 from ftkit.common.console import status
 from ftkit.common.errors import FtkitError
 from ftkit.data.mapping import read_rows
@@ -75,6 +77,8 @@ def evaluate_recipe(recipe: Recipe, backend_name: str, adapter: Path | None, spl
     base model too, as a before/after table. Saved as JSON in the run folder (or `out`)."""
 
     split = split or recipe.eval.split
+    if out is not None:
+        writable(Path(out), "--out")  # before the evaluation, not after it
     prep = prepare(recipe)
     examples = getattr(prep.splits, split)
     if not examples:
@@ -105,10 +109,30 @@ def evaluate_recipe(recipe: Recipe, backend_name: str, adapter: Path | None, spl
         result["before"], result["after"] = results["base"], results["adapter"]
     if has_tasks or compare or out is not None:
         dest = Path(out) if out is not None else _run_folder(recipe, adapter) / f"eval-{split}.json"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_text(json.dumps(_finite(result), indent=2) + "\n")
+        try:
+            write_text_atomic(dest, json.dumps(_finite(result), indent=2) + "\n")
+        except OSError as e:
+            flag = "--out " if out is not None else ""
+            raise FtkitError(f"{flag}{dest}: cannot write the result there ({e.strerror or e}); "
+                             f"{'choose a writable --out' if out is not None else 'pass --out FILE in a writable folder'}.") from None
         result["saved"] = str(dest)
     return result
+
+
+def writable(dest: Path, flag: str) -> None:
+    """Refuse, naming `flag` and the file, a place a result cannot be written to (a read-only or full
+    disk, a path under a file), by writing a probe beside it."""
+    dest = Path(dest)
+    blocker = next((a for a in dest.parents if a.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise FtkitError(f"{flag} {dest}: {blocker} is a file, not a folder; choose another place.")
+    probe = dest.parent / f".{dest.name}.probe-{os.getpid()}"
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise FtkitError(f"{flag} {dest}: cannot write there ({e.strerror or e}); choose a writable place.") from None
 
 
 def _finite(obj: Any) -> Any:

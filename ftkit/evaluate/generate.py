@@ -212,6 +212,10 @@ class Completion:
 def complete(backend: Backend, tokenizer: Any, prompt_ids: list[int], max_tokens: int, sampling: Sampling,
              stops: list[str], on_text=None) -> Completion:
     """Generate until EOS, a stop string or max_tokens; `on_text` gets each piece as it becomes safe to show."""
+    if max_tokens < 1:
+        raise FtkitError(f"--max-tokens {max_tokens}: must be >= 1 (the most tokens to generate).")
+    if not prompt_ids:
+        raise FtkitError("the prompt has no tokens: give some text with --prompt (or build one with --loom).")
     stream = TextStream(tokenizer, [s for s in stops if s])
     probs: list[float] = []
     for step in steps(backend, prompt_ids, max_tokens, sampling.check(), stop_token_ids(tokenizer, stops)):

@@ -6,13 +6,22 @@ from pathlib import Path
 
 from ftkit.common.errors import FtkitError
 from ftkit.common.hub import looks_like_hub_id, snapshot
-from ftkit.models.convert import source_kind, convert
+from ftkit.common.suggest import missing_path
+from ftkit.models.convert import convert, source_kind
+from ftkit.models.folder import check_folder
 
 
 def resolve_model(path: str, revision: str | None = None) -> Path:
     """The local folder a model loads from: a folder as is (or, when it has no config.json but one
     .gguf, that file converted), a .gguf or llama2.c .bin converted (once; cached), a hub id
-    `org/name` downloaded (config, tokenizer and safetensors files)."""
+    `org/name` downloaded (config, tokenizer and safetensors files). The folder is checked whole
+    (ftkit.models.folder) before any backend reads it."""
+    folder = _locate(path, revision)
+    check_folder(folder)
+    return folder
+
+
+def _locate(path: str, revision: str | None) -> Path:
     local = Path(path).expanduser()
     if local.is_dir():
         ggufs = sorted(local.glob("*.gguf"))
@@ -27,5 +36,5 @@ def resolve_model(path: str, revision: str | None = None) -> Path:
             )
         return convert(local)
     if not looks_like_hub_id(path):
-        raise FtkitError(f"{path}: no such file or folder, and not a Hugging Face hub id (org/name).")
+        raise FtkitError(f"{path}: no such file or folder, and not a Hugging Face hub id (org/name).{missing_path(path)}")
     return snapshot(path, revision, what="model", need_weights=True)

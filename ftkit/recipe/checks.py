@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ftkit.common.hub import looks_like_hub_id
-from ftkit.common.suggest import did_you_mean
+from ftkit.common.suggest import did_you_mean, missing_path
 from ftkit.recipe.tasks import task_names, task_settings
 
 if TYPE_CHECKING:
@@ -15,8 +15,9 @@ if TYPE_CHECKING:
 
 def _check_combinations(r: Recipe, where: str) -> list[str]:
     errors = []
-    if r.train.iters is not None and r.train.epochs is not None and r.train.epochs != 1.0:
-        errors.append(f"{where}: train.iters and train.epochs are both set; keep one.")
+    if r.train.iters is not None and r.train.epochs is not None:
+        errors.append(f"{where}: train.iters = {r.train.iters} and train.epochs = {r.train.epochs:g} are both set, but a run has "
+                      "one length; keep one (iters: optimizer steps; epochs: passes over the training data).")
     if r.data.train_on == "completion" and r.data.format == "text" and not r.data.response_template:
         errors.append(
             f"{where}: data.train_on = 'completion' with text data needs data.response_template "
@@ -31,12 +32,15 @@ def _check_combinations(r: Recipe, where: str) -> list[str]:
         errors.append(f"{where}: method.resume_from is for adapters; for full fine-tuning point model.path at the model folder.")
     model_path = Path(r.model.path)
     if not model_path.exists() and not looks_like_hub_id(r.model.path):
-        errors.append(f"{where}: model.path: {r.model.path} does not exist (a local folder, a .gguf file, or a hub id 'org/name').")
+        errors.append(f"{where}: model.path: {r.model.path} does not exist: no such file or folder "
+                      f"(a local folder, a .gguf file, or a hub id 'org/name').{missing_path(r.model.path)}")
     data_path = Path(r.data.path)
     if not data_path.exists() and not looks_like_hub_id(r.data.path):
-        errors.append(f"{where}: data.path: {r.data.path} does not exist (a folder, a .jsonl/.csv/.parquet file, or a hub id).")
+        errors.append(f"{where}: data.path: {r.data.path} does not exist: no such file or folder "
+                      f"(a folder, a .jsonl/.csv/.parquet file, or a hub id 'org/name').{missing_path(r.data.path)}")
     if r.method.resume_from and not Path(r.method.resume_from).exists() and not looks_like_hub_id(r.method.resume_from):
-        errors.append(f"{where}: method.resume_from: {r.method.resume_from} does not exist.")
+        errors.append(f"{where}: method.resume_from: {r.method.resume_from} does not exist: no such adapter folder."
+                      f"{missing_path(r.method.resume_from)}")
 
     errors += recipe_problems(r, where)
     return errors
@@ -59,7 +63,8 @@ def recipe_problems(r: "Recipe", where: str) -> list[str]:
             errors.append(f"{where}: {label}: loom and prompt_template both build the prompt; keep one.")
     for i, m in enumerate(d.mix):
         if not Path(m.path).exists() and not looks_like_hub_id(m.path):
-            errors.append(f"{where}: data.mix[{i}] ({m.name}).path: {m.path} does not exist (a folder, a file, or a hub id).")
+            errors.append(f"{where}: data.mix[{i}] ({m.name}).path: {m.path} does not exist: no such file or folder "
+                          f"(a folder, a file, or a hub id).{missing_path(m.path)}")
     names = task_names(r)
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

@@ -14,9 +14,9 @@ from pydantic import (
 
 from ftkit.common.errors import RecipeError
 from ftkit.common.hub import looks_like_hub_id
-from ftkit.common.suggest import did_you_mean
+from ftkit.common.suggest import closest, did_you_mean, missing_path
 from ftkit.recipe.checks import _check_combinations
-from ftkit.recipe.schema import EvalTask, MixSource, Recipe
+from ftkit.recipe.schema import KEY_ALIASES, EvalTask, MixSource, Recipe
 
 PATH_KEYS = {("model", "path"), ("data", "path"), ("method", "resume_from"), ("output", "dir"), ("log", "tensorboard_dir"),
              ("data", "loom"), ("data", "label_names")}
@@ -64,7 +64,7 @@ def resolve_paths(data: dict[str, Any], base: Path) -> None:
         if not isinstance(value, str) or value.startswith(("/", "~")):
             continue
         candidate = (base / value).resolve()
-        if key == "dir" or candidate.exists() or not looks_like_hub_id(value):
+        if key == "dir" or candidate.exists() or not looks_like_hub_id(value, base):
             data[section][key] = str(candidate)
     mix = data["data"].get("mix") if isinstance(data.get("data"), dict) else None
     for source in mix if isinstance(mix, list) else []:
@@ -81,7 +81,7 @@ def _merge(into: dict[str, Any], extra: dict[str, Any]) -> None:
             into[key] = value
 
 
-def _unknown_keys(data: dict[str, Any], where: str) -> list[str]:
+def _unknown_keys(data: dict[str, Any], where: str, overridden: set[tuple[str, str]] = frozenset()) -> list[str]:
     errors = []
     sections = list(Recipe.model_fields)
     for section, values in data.items():
@@ -93,8 +93,22 @@ def _unknown_keys(data: dict[str, Any], where: str) -> list[str]:
         fields = _section_fields(section)
         for key in values:
             if key not in fields:
-                errors.append(f"{where}: unknown key {section}.{key}.{did_you_mean(key, fields)}")
+                place = f"--set {section}.{key}" if (section, key) in overridden else where
+                errors.append(f"{place}: unknown key {section}.{key}.{suggest_key(section, key, fields)}")
     return errors
+
+
+def suggest_key(section: str, key: str, fields: list[str]) -> str:
+    """The did-you-mean for an unknown key: another tool's name for an ftkit key (learning_rate -> lr;
+    lora_r in [train] -> method.rank), else the closest key of the section."""
+    best = closest(key, fields, KEY_ALIASES)  # an alias answers "section.key"; a field has no dot
+    if best is None:
+        return ""
+    if "." not in best:
+        return f" Did you mean '{best}'?"
+    alias_section, alias_key = best.split(".", 1)
+    shown = alias_key if alias_section == section else best
+    return f" Did you mean '{shown}'? ({key} is another tool's name; ftkit's key is {best}.)"
 
 
 def _line_of(text: str, section: str, key: str) -> int | None:
@@ -135,20 +149,43 @@ def _format_validation(err: ValidationError, where: str, text: str | None, overr
 
 
 def _read_toml(path: Path) -> tuple[dict[str, Any], str]:
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.toml"))
+        listed = f" It holds {', '.join(found[:8])}{' ...' if len(found) > 8 else ''}." if found else " It holds no .toml file."
+        raise RecipeError([f"{path}: is a folder; give a recipe file in it, e.g. {path / (found[0] if found else 'RECIPE.toml')}.{listed}"])
     if not path.exists():
-        raise RecipeError([f"{path}: no such recipe file."])
-    text = path.read_text(encoding="utf-8")
+        raise RecipeError([f"{path}: no such recipe file.{missing_path(path)}"])
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise RecipeError([(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}); a recipe must be saved as UTF-8 "
+                            "(TOML's encoding): re-save it as UTF-8 in your editor.")]) from None
+    text = text.removeprefix("\ufeff")  # a BOM, as some Windows editors write UTF-8
     try:
         return tomllib.loads(text), text
     except tomllib.TOMLDecodeError as e:
         raise RecipeError([f"{path}: not valid TOML: {e}"]) from None
 
 
+def _one_length(data: dict[str, Any], overridden: set[tuple[str, str]]) -> None:
+    """train.iters and train.epochs say the same thing, so a run takes one: a --set (or a sweep value) of
+    one replaces the file's other; both in one place stay, for the check to refuse."""
+    train = data.get("train")
+    if not isinstance(train, dict):
+        return
+    for given, other in (("iters", "epochs"), ("epochs", "iters")):
+        if ("train", given) in overridden and ("train", other) not in overridden and train.get(given) is not None:
+            train.pop(other, None)
+
+
 def build_recipe(
     data: dict[str, Any], where: str, text: str | None = None, check_paths: bool = True,
     overridden: set[tuple[str, str]] = frozenset(),
 ) -> Recipe:
-    errors = _unknown_keys(data, where)
+    _one_length(data, set(overridden))
+    errors = _unknown_keys(data, where, set(overridden))
     recipe = None
     try:
         recipe = Recipe.model_validate(data)

@@ -25,6 +25,50 @@ METHODS = ("lora", "dora", "full", "prompt", "prefix")
 ADAPTER_METHODS = ("lora", "dora", "prompt", "prefix")
 
 
+# Other tools' names for ftkit's keys (transformers' TrainingArguments, PEFT, TRL, axolotl, LLaMA-Factory,
+# mlx-lm): an unknown key found here is answered with the ftkit key, whichever section it was written in.
+KEY_ALIASES: dict[str, str] = {
+    **dict.fromkeys(["learning_rate", "learningrate", "peak_lr"], "train.lr"),
+    **dict.fromkeys(["num_epochs", "num_train_epochs", "epoch", "n_epochs"], "train.epochs"),
+    **dict.fromkeys(["max_steps", "num_steps", "steps", "iterations", "num_iters", "total_steps"], "train.iters"),
+    **dict.fromkeys(["per_device_train_batch_size", "train_batch_size", "micro_batch_size", "batch", "bs"], "train.batch_size"),
+    **dict.fromkeys(["gradient_accumulation_steps", "gradient_accumulation", "accumulation_steps", "grad_accumulation"], "train.grad_accum"),
+    **dict.fromkeys(["lr_scheduler_type", "lr_scheduler", "lr_schedule", "schedule"], "train.scheduler"),
+    **dict.fromkeys(["warmup_ratio", "warmup_steps", "num_warmup_steps"], "train.warmup"),
+    **dict.fromkeys(["optim", "optimiser"], "train.optimizer"),
+    **dict.fromkeys(["adam_beta1"], "train.beta1"),
+    **dict.fromkeys(["adam_beta2"], "train.beta2"),
+    **dict.fromkeys(["grad_clip", "gradient_clipping", "clip_grad_norm"], "train.max_grad_norm"),
+    **dict.fromkeys(["save_steps", "steps_per_save", "save_every_n_steps"], "train.save_every"),
+    **dict.fromkeys(["eval_steps", "steps_per_validation"], "train.steps_per_eval"),
+    **dict.fromkeys(["logging_steps", "log_every"], "train.steps_per_report"),
+    **dict.fromkeys(["save_total_limit"], "train.keep_checkpoints"),
+    **dict.fromkeys(["eval_batches", "num_eval_batches"], "train.val_batches"),
+    **dict.fromkeys(["r", "lora_r", "lora_rank"], "method.rank"),
+    **dict.fromkeys(["lora_alpha"], "method.alpha"),
+    **dict.fromkeys(["lora_dropout"], "method.dropout"),
+    **dict.fromkeys(["target_modules", "lora_target_modules", "lora_modules", "keys"], "method.targets"),
+    **dict.fromkeys(["num_layers", "lora_layers", "layers_to_transform"], "method.layers"),
+    **dict.fromkeys(["peft_type", "adapter", "fine_tune_type", "finetune_type", "use_dora"], "method.kind"),
+    **dict.fromkeys(["resume_adapter_file", "adapter_path", "peft_model_id"], "method.resume_from"),
+    **dict.fromkeys(["max_seq_len", "max_length", "sequence_len", "seq_len", "max_len", "cutoff_len", "model_max_length",
+                     "context_length", "max_source_length"], "data.max_seq_length"),
+    **dict.fromkeys(["dataset", "datasets", "data_path", "dataset_path", "train_file", "data_dir"], "data.path"),
+    **dict.fromkeys(["val_set_size", "validation_split", "valid_split", "eval_fraction"], "data.valid_fraction"),
+    **dict.fromkeys(["train_on_inputs", "completion_only", "mask_prompt"], "data.train_on"),
+    **dict.fromkeys(["chat_template", "conversation_template", "template"], "data.chat_format"),
+    **dict.fromkeys(["dataset_text_field"], "data.text_field"),
+    **dict.fromkeys(["sample_packing", "pack"], "data.packing"),
+    **dict.fromkeys(["base_model", "model_name_or_path", "model_name", "model_id", "model"], "model.path"),
+    **dict.fromkeys(["load_in_4bit", "load_in_8bit", "quantization", "bits", "quant"], "model.quantize"),
+    **dict.fromkeys(["torch_dtype"], "model.dtype"),
+    **dict.fromkeys(["output_dir", "adapter_file", "save_path"], "output.dir"),
+    **dict.fromkeys(["bf16", "fp16", "mixed_precision"], "torch.precision"),
+    **dict.fromkeys(["wandb_project"], "log.project"),
+    **dict.fromkeys(["wandb_run_name"], "log.run_name"),
+}
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

@@ -16,10 +16,11 @@ from ftkit.adapters import meta as adapter_format
 from ftkit.backend.protocol import Backend
 from ftkit.backend.registry import get_backend
 from ftkit.common import distributed
-from ftkit.common.console import status
+from ftkit.common.console import console, status
 from ftkit.common.distributed import World
 from ftkit.common.errors import FtkitError
 from ftkit.common.fingerprints import fingerprint_model, fingerprint_tokenizer
+from ftkit.data import batching
 from ftkit.data.batch import Splits
 from ftkit.data.token_cache import load_splits
 from ftkit.models.resolve import resolve_model
@@ -53,6 +54,9 @@ def prepare(recipe: Recipe, run_dir: Path | None = None) -> Prepared:
         raise FtkitError(f"{recipe.data.path}: the training split is empty.")
     world = distributed.current()
     schedule = make_schedule(recipe.train, len(splits.train), len(splits.valid), world.size)
+    note = batching.step_note(len(splits.train), recipe.train.batch_size, recipe.train.grad_accum, world.size)
+    if note and world.is_main:
+        console().print(f"[yellow]warning:[/] {note}", highlight=False)
     return Prepared(recipe, model_path, tokenizer, splits, schedule, Path(run_dir or recipe.output.dir), world)
 
 
