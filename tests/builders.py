@@ -25,6 +25,16 @@ CHATML_TEMPLATE = (
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 
 
+def wikisql_slice(dest: Path, **sizes: int) -> Path:
+    """The first rows of WikiSQL's splits (e.g. train=48, valid=16, test=16) copied into `dest`: real data
+    small enough that a test run trains in seconds."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for split, n in sizes.items():
+        rows = (WIKISQL / f"{split}.jsonl").read_text().splitlines()[:n]
+        (dest / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    return dest
+
+
 def build_tokenizer(dest: Path, vocab_size: int = 512) -> Path:
     """A byte-level BPE trained on the WikiSQL training text, with a ChatML chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -107,3 +117,26 @@ def train_hiding(recipe: Path, backend: str, hidden: list[str]) -> dict:
     out = subprocess.run([sys.executable, "-c", code, str(recipe)], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def logits_on(backend_name: str, model_dir: Path, adapter: Path | None, prompt: str):
+    """Logits for every position of `prompt` (virtual tokens left out), through the backend's own
+    inference path (ftkit.evaluate.inference), as a float32 numpy array."""
+    import numpy as np
+
+    from ftkit.evaluate.inference import load_for_inference
+    from ftkit.models.tokenizer import load_tokenizer
+    from ftkit.recipe.load import build_recipe
+
+    tok = load_tokenizer(model_dir)
+    recipe = build_recipe({"model": {"path": str(model_dir)}, "data": {"path": "-"}, "torch": {"precision": "fp32"}}, "t", check_paths=False)
+    be = load_for_inference(recipe, backend_name, adapter, model_dir, tok)
+    ids = tok(prompt).input_ids
+    if backend_name == "torch":
+        import torch
+
+        with torch.no_grad():
+            return be.model(input_ids=torch.tensor([ids])).logits[0, be.n_virtual :].float().numpy()
+    import mlx.core as mx
+
+    return np.array(be.tuned(mx.array([ids]))[0].astype(mx.float32))

@@ -4,7 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
-from builders import WIKISQL, build_tiny_llama, build_tokenizer
+from builders import WIKISQL, build_tiny_llama, build_tokenizer, wikisql_slice
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -51,9 +51,5 @@ def stories_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def small_data(tmp_path, wikisql_dir) -> Path:
     """A 48/16/16 slice of WikiSQL so that each test trains in seconds."""
-    d = tmp_path / "data"
-    d.mkdir()
-    for split, n in (("train", 48), ("valid", 16), ("test", 16)):
-        rows = (wikisql_dir / f"{split}.jsonl").read_text().splitlines()[:n]
-        (d / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    d = wikisql_slice(tmp_path / "data", train=48, valid=16, test=16)
     return d

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import tomli_w
+from builders import wikisql_slice
 from typer.testing import CliRunner
 
 from ftkit.cli import app
@@ -97,11 +98,7 @@ def world(tmp_path_factory, tiny_model_dir, wikisql_dir) -> World:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FTKIT_CACHE", str(root / "cache"))
         mp.setenv("COLUMNS", "400")
-        data = root / "data"
-        data.mkdir()
-        for split, n in (("train", 24), ("valid", 8), ("test", 8)):
-            rows = (wikisql_dir / f"{split}.jsonl").read_text().splitlines()[:n]
-            (data / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+        data = wikisql_slice(root / "data", train=24, valid=8, test=8)
         w = World(root, tiny_model_dir, data, root / "finished" / "run")
         (root / "finished").mkdir()
         good = w.recipe(root / "finished", train={"iters": 2, "save_every": 1, "steps_per_eval": 2})

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from builders import wikisql_slice
 from typer.testing import CliRunner
 
 from ftkit.cli import app
@@ -27,11 +28,7 @@ def run_json(*args: str) -> dict:
 
 @pytest.fixture
 def recipe(tmp_path, tiny_model_dir, wikisql_dir) -> Path:
-    data = tmp_path / "data"
-    data.mkdir()
-    for split, n in (("train", 32), ("valid", 8), ("test", 8)):
-        rows = (wikisql_dir / f"{split}.jsonl").read_text().splitlines()[:n]
-        (data / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    data = wikisql_slice(tmp_path / "data", train=32, valid=8, test=8)
     p = tmp_path / "r.toml"
     p.write_text(
         f'[model]\npath = "{tiny_model_dir}"\n[method]\nrank = 4\n[data]\npath = "{data}"\nmax_seq_length = 256\n'

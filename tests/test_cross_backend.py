@@ -17,7 +17,8 @@ torch = pytest.importorskip("torch")
 mx = pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
 
-from builders import recipe_file  # noqa: E402
+import builders
+from builders import recipe_file, wikisql_slice  # noqa: E402
 
 from ftkit.backend.registry import get_backend
 from ftkit.common.errors import AdapterMismatchError
@@ -48,11 +49,7 @@ def train(tmp_path: Path, model: Path, data: Path, backend: str, kind: str, iter
 def trained(tmp_path_factory, tiny_model_dir, wikisql_dir):
     """Each method trained 20 steps on each backend from the same recipe and seed."""
     tmp = tmp_path_factory.mktemp("cross")
-    data = tmp / "data"
-    data.mkdir()
-    for split, n in (("train", 48), ("valid", 16), ("test", 16)):
-        rows = (wikisql_dir / f"{split}.jsonl").read_text().splitlines()[:n]
-        (data / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    data = wikisql_slice(tmp / "data", train=48, valid=16, test=16)
     out = {}
     for kind in METHODS:
         for backend in ("torch", "mlx"):
@@ -65,15 +62,7 @@ def token_ids(model_dir: Path) -> list[int]:
 
 
 def logits_on(backend_name: str, model_dir: Path, adapter: Path | None) -> np.ndarray:
-    """Logits for every position of PROMPT, through the backend's own inference path."""
-    tok = load_tokenizer(model_dir)
-    recipe = build_recipe({"model": {"path": str(model_dir)}, "data": {"path": "-"}, "torch": {"precision": "fp32"}}, "t", check_paths=False)
-    be = load_for_inference(recipe, backend_name, adapter, model_dir, tok)
-    ids = token_ids(model_dir)
-    if backend_name == "torch":
-        with torch.no_grad():
-            return be.model(input_ids=torch.tensor([ids])).logits[0, be.n_virtual :].float().numpy()
-    return np.array(be.tuned(mx.array([ids]))[0].astype(mx.float32))
+    return builders.logits_on(backend_name, model_dir, adapter, PROMPT)
 
 
 def peft_logits(model_dir: Path, adapter: Path) -> np.ndarray:

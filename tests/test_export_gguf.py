@@ -28,7 +28,7 @@ from ftkit.adapters.layout import LoraAdapter, lora_config, write_adapter
 from ftkit.common.errors import FtkitError
 from ftkit.common.tensors import read_safetensors
 from ftkit.models.convert import convert
-from ftkit.ops import export_gguf, gguf_arch
+from ftkit.ops import gguf_arch
 from ftkit.ops.export_gguf import (
     export_lora,
     export_merged,

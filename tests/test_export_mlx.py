@@ -18,7 +18,7 @@ mx = pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
 peft = pytest.importorskip("peft")
 
-from builders import recipe_file
+from builders import recipe_file, wikisql_slice
 from typer.testing import CliRunner
 
 from ftkit.adapters.layout import (
@@ -49,11 +49,7 @@ runner = CliRunner()
 def trained(tmp_path_factory, tiny_model_dir, wikisql_dir):
     """(kind, backend) -> the adapter folder of a 3-step run."""
     tmp = tmp_path_factory.mktemp("export-mlx")
-    data = tmp / "data"
-    data.mkdir()
-    for split, n in (("train", 24), ("valid", 8), ("test", 8)):
-        rows = (wikisql_dir / f"{split}.jsonl").read_text().splitlines()[:n]
-        (data / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    data = wikisql_slice(tmp / "data", train=24, valid=8, test=8)
     out = {}
     for kind, backend in (("lora", "torch"), ("dora", "torch"), ("lora", "mlx")):
         p = recipe_file(tmp, tiny_model_dir, data, name=f"{kind}-{backend}", method={"kind": kind},

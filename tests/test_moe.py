@@ -17,17 +17,17 @@ mx = pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
 pytest.importorskip("peft")
 
-from builders import recipe_file
+import builders
+from builders import recipe_file, wikisql_slice
 from families import MOE_FAMILIES, build_family
 
 from ftkit.adapters import layout as adapter_layout
 from ftkit.adapters import targets
 from ftkit.common.errors import FtkitError
 from ftkit.common.tensors import read_safetensors
-from ftkit.evaluate.inference import load_for_inference
 from ftkit.models.tokenizer import load_tokenizer
 from ftkit.ops.fuse import check_model_folder, fuse
-from ftkit.recipe.load import build_recipe, load_recipes
+from ftkit.recipe.load import load_recipes
 from ftkit.recipe.schema import MethodSection
 from ftkit.train.loop import Trainer
 from ftkit.train.prepare import prepare
@@ -72,15 +72,7 @@ def token_ids(model_dir: Path) -> list[int]:
 
 
 def logits_on(backend_name: str, model_dir: Path, adapter: Path | None) -> np.ndarray:
-    """Logits for every position of PROMPT through the backend's own inference path."""
-    tok = load_tokenizer(model_dir)
-    recipe = build_recipe({"model": {"path": str(model_dir)}, "data": {"path": "-"}, "torch": {"precision": "fp32"}}, "t", check_paths=False)
-    be = load_for_inference(recipe, backend_name, adapter, model_dir, tok)
-    ids = token_ids(model_dir)
-    if backend_name == "torch":
-        with torch.no_grad():
-            return be.model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
-    return np.array(be.tuned(mx.array([ids]))[0].astype(mx.float32))
+    return builders.logits_on(backend_name, model_dir, adapter, PROMPT)
 
 
 def plain_logits(model) -> np.ndarray:
@@ -187,9 +179,7 @@ def test_a_folder_with_stacked_or_missing_experts_is_refused(tmp_path):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, wikisql_dir) -> Path:
     d = tmp_path_factory.mktemp("moe-data")
-    for split, n in (("train", 32), ("valid", 8), ("test", 8)):
-        rows = (wikisql_dir / f"{split}.jsonl").read_text().splitlines()[:n]
-        (d / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    wikisql_slice(d, train=32, valid=8, test=8)
     return d
 
 

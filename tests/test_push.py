@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from builders import PYTHONPATH, recipe_file
+from builders import PYTHONPATH, recipe_file, wikisql_slice
 from hub_standin import Hub
 
 pytest.importorskip("huggingface_hub")
@@ -32,10 +32,7 @@ def ftkit(args, env):
 def trained(tmp_path_factory, tiny_model_dir, wikisql_dir):
     pytest.importorskip("torch")
     tmp = tmp_path_factory.mktemp("push")
-    data = tmp / "data"
-    data.mkdir()
-    for split, n in (("train", 32), ("valid", 8)):
-        (data / f"{split}.jsonl").write_text("\n".join((wikisql_dir / f"{split}.jsonl").read_text().splitlines()[:n]) + "\n")
+    data = wikisql_slice(tmp / "data", train=32, valid=8)
     recipe = recipe_file(tmp, tiny_model_dir, data, "pushed", train={"iters": 4, "steps_per_eval": 2, "lr": 1e-2})
     env = {**os.environ, "PYTHONPATH": PYTHONPATH, "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-m", "ftkit.cli", "train", str(recipe), "--backend", "torch", "--json"],

@@ -10,7 +10,7 @@ import sys
 from html.parser import HTMLParser
 
 import pytest
-from builders import PYTHONPATH, recipe_file
+from builders import PYTHONPATH, recipe_file, wikisql_slice
 
 
 def chromium() -> str | None:
@@ -47,10 +47,7 @@ class Figures(HTMLParser):
 def run_dir(tmp_path_factory, tiny_model_dir, wikisql_dir):
     pytest.importorskip("torch")
     tmp = tmp_path_factory.mktemp("report")
-    data = tmp / "data"
-    data.mkdir()
-    for split, n in (("train", 48), ("valid", 16)):
-        (data / f"{split}.jsonl").write_text("\n".join((wikisql_dir / f"{split}.jsonl").read_text().splitlines()[:n]) + "\n")
+    data = wikisql_slice(tmp / "data", train=48, valid=16)
     recipe = recipe_file(tmp, tiny_model_dir, data, "reported", train={"iters": 6, "steps_per_eval": 2})
     env = {**os.environ, "PYTHONPATH": PYTHONPATH, "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-m", "ftkit.cli", "train", str(recipe), "--backend", "torch", "--json"],
