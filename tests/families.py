@@ -68,3 +68,18 @@ def sharpen(folder: Path, factor: float = 8.0) -> None:
             if any(s in k for s in ("q_proj.weight", "k_proj.weight", "qkv_proj.weight", "query_key_value.weight")):
                 tensors[k] = tensors[k] * factor
         save_file(tensors, str(f), metadata={"format": "pt"})
+
+
+def sharpened_models(root: Path, tokenizer_dir: Path, variants: dict[str, tuple[str, dict]]):
+    """`get(name)`: a sharpened tiny model of a family, or of a `variants` entry (name -> (family,
+    overrides)), built on first use under `root` and reused after."""
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            family, overrides = variants.get(name, (name, {}))
+            built[name] = build_family(family, root / name, tokenizer_dir, **overrides)
+            sharpen(built[name])
+        return built[name]
+
+    return get

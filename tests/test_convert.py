@@ -19,7 +19,7 @@ from builders import STORIES
 from ftkit.common.errors import FtkitError
 from ftkit.models import convert as conv
 from ftkit.models.gguf import set_rope_theta
-from ftkit.models.llama2c import convert_llama2c, _interleaved_to_halves
+from ftkit.models.llama2c import _interleaved_to_halves, convert_llama2c
 from ftkit.models.resolve import resolve_model
 
 torch = pytest.importorskip("torch")

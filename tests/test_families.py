@@ -42,7 +42,7 @@ pytest.importorskip("mlx_lm")
 pytest.importorskip("peft")
 
 from builders import recipe_file
-from families import FAMILIES, build_family, sharpen
+from families import FAMILIES, sharpened_models
 
 from ftkit.common.tensors import read_safetensors
 from ftkit.evaluate.inference import load_for_inference
@@ -108,16 +108,7 @@ def quick_and_reported():
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tokenizer_dir):
     """Sharpened tiny models by name (a family, or a LONG_VARIANTS key), each built once."""
-    root, built = tmp_path_factory.mktemp("families"), {}
-
-    def get(name: str) -> Path:
-        if name not in built:
-            family, overrides = LONG_VARIANTS.get(name, (name, {}))
-            built[name] = build_family(family, root / name, tokenizer_dir, **overrides)
-            sharpen(built[name])
-        return built[name]
-
-    return get
+    return sharpened_models(tmp_path_factory.mktemp("families"), tokenizer_dir, LONG_VARIANTS)
 
 
 def write_data(d: Path, wikisql: Path, cut) -> Path:

@@ -5,8 +5,8 @@ tanh soft-capping, so the decision comes from the config)."""
 from __future__ import annotations
 
 import pytest
-
 from builders import recipe_file
+
 from ftkit.models.logits import final_transforms
 
 
@@ -23,6 +23,7 @@ def test_the_head_only_loss_is_off_where_logits_are_transformed(tmp_path, tokeni
     pytest.importorskip("torch")
     pytest.importorskip("mlx_lm")
     from families import build_family
+
     from ftkit.backend.registry import get_backend
     from ftkit.recipe.load import load_recipes
 

@@ -157,18 +157,9 @@ def folders(tmp_path_factory, tokenizer_dir):
     """Sharpened tiny models by name (a family, or a VARIANTS key), each built once."""
     pytest.importorskip("torch")
     pytest.importorskip("mlx_lm")
-    from families import build_family, sharpen
+    from families import sharpened_models
 
-    root, built = tmp_path_factory.mktemp("mlx-config"), {}
-
-    def get(name: str) -> Path:
-        if name not in built:
-            family, overrides = VARIANTS.get(name, (name, {}))
-            built[name] = build_family(family, root / name, tokenizer_dir, **overrides)
-            sharpen(built[name])
-        return built[name]
-
-    return get
+    return sharpened_models(tmp_path_factory.mktemp("mlx-config"), tokenizer_dir, VARIANTS)
 
 
 @pytest.fixture(scope="module")
