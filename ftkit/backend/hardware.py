@@ -151,7 +151,6 @@ def _gib(n: int | None) -> str:
 
 def render(info: dict[str, Any]):
     """Tables for `ftkit info`."""
-
     system = Table(title="Machine", show_header=False, title_justify="left")
     system.add_column(style="bold")
     system.add_column()

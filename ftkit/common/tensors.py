@@ -68,7 +68,6 @@ def check_whole(path: Path) -> tuple[dict, int]:
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-
     path = Path(path)
     check_whole(path)
     try:
