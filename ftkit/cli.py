@@ -261,12 +261,13 @@ def launch(
 ) -> None:
     """Train on several GPUs or nodes (torch backend): `accelerate launch` runs `ftkit train` in every process.
 
-    The recipe's torch.distributed says how: 'ddp' (a full copy of the model per GPU) or 'fsdp' (each GPU holds a shard of every decoder layer). Run the same command on every node, each with its own --node-rank; output.dir must be on storage all nodes share.
+    The recipe's torch.distributed says how: 'ddp' (a full copy of the model per GPU) or 'fsdp' (each GPU holds a shard of every decoder layer). Run the same command on every node, each with its own --node-rank; output.dir must be on storage all nodes share. SIGTERM, SIGINT or SIGUSR1 reach every worker: they checkpoint the same step and launch exits 75, as train does.
     """
     import shlex
-    import subprocess
+    import tempfile
 
     from ftkit.common.distributed import launch_command
+    from ftkit.train.interrupt import run_forwarding
 
     if backend not in ("torch", "auto"):
         raise FtkitError(f"--backend {backend}: ftkit launch runs the torch backend; MLX trains in one process (ftkit train).")
@@ -292,7 +293,8 @@ def launch(
     from ftkit.common.console import console
 
     console().print(f"[dim]{line}[/]")
-    raise typer.Exit(subprocess.call(cmd))
+    with tempfile.TemporaryDirectory(prefix="ftkit-launch-") as tmp:  # where a worker stopped by a signal says so
+        raise typer.Exit(run_forwarding(cmd, Path(tmp) / "status"))
 
 
 def _print_plans(plans: list[dict[str, Any]]) -> None:

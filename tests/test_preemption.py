@@ -304,6 +304,30 @@ def test_a_signal_in_process_stops_after_its_step_and_defers_a_due_validation(tm
         assert [(r["step"], r["loss"]) for r in got if r["kind"] == kind] == [(r["step"], r["loss"]) for r in want if r["kind"] == kind]
 
 
+def test_sigint_and_sigusr1_on_mlx_stop_after_their_step_and_resume_to_the_unbroken_adapter(tmp_path, tiny_model_dir, small_data):
+    # The subprocess test above sends MLX a real SIGTERM; here the other two signals, in process (deterministic).
+    pytest.importorskip("mlx.core")
+    from ftkit.recipe.load import load_recipes
+    from ftkit.train.loop import Trainer
+    from ftkit.train.prepare import prepare
+
+    def trainer(path: Path, *callbacks) -> Trainer:
+        return Trainer(prepare(load_recipes([path])[0]), "mlx", quiet=True, callbacks=callbacks)
+
+    kw = dict(method={"dropout": 0.1}, train={"iters": 8, "save_every": 8, "steps_per_eval": 4, "steps_per_report": 2})
+    ref = trainer(recipe_file(tmp_path, tiny_model_dir, small_data, "whole", **kw)).run()
+    part = recipe_file(tmp_path, tiny_model_dir, small_data, "part", **kw)
+    first = trainer(part, SignalAt(3, signal.SIGINT)).run()
+    second = trainer(part, SignalAt(6, signal.SIGUSR1)).run(resume="auto")
+    assert (first.interrupted, first.steps, second.interrupted, second.steps) == ("SIGINT", 3, "SIGUSR1", 6)
+    done = trainer(part).run(resume="auto")
+    assert done.steps == 8 and done.interrupted is None
+    a = load_file(str(done.adapter / "adapter_model.safetensors"))
+    b = load_file(str(ref.adapter / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].tobytes() == b[k].tobytes() for k in a)
+    assert [r["loss"] for r in records(done.run_dir) if r["kind"] == "train"] == [r["loss"] for r in records(ref.run_dir) if r["kind"] == "train"]
+
+
 def test_a_second_signal_exits_at_once_and_a_repeat_within_a_second_is_the_same_request(tmp_path):
     code = (
         "import os, signal, sys, time\n"
@@ -423,7 +447,7 @@ def test_a_signal_to_rank_0_alone_stops_every_process_after_the_same_step(tmp_pa
         time.sleep(0.05)
     os.kill(rank_pid(0), signal.SIGUSR1)
     out = first.communicate(timeout=240)[0]
-    print(f"\nftkit launch exited {first.returncode} (its workers: {EXIT_RESUME})")
+    assert first.returncode == EXIT_RESUME, out[-3000:]  # accelerate exits 1; launch reads the workers' word
     stopped = complete_steps(run)[-1]
     assert f"stopped by SIGUSR1 after step {stopped} of {SIGNAL_ITERS}" in " ".join(out.split()), out[-3000:]
     assert max(logged_steps(run)) == stopped < SIGNAL_ITERS
@@ -434,3 +458,36 @@ def test_a_signal_to_rank_0_alone_stops_every_process_after_the_same_step(tmp_pa
     assert second.returncode == 0, out[-3000:]
     assert logged_steps(run) == list(range(1, SIGNAL_ITERS + 1))
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_launch_passes_a_signal_to_every_worker_once_and_exits_75_when_they_checkpointed(tmp_path):
+    # A stand-in for `accelerate launch`: a parent that starts two workers in its process group and exits 1 when
+    # any worker fails (as accelerate does). Each worker, on SIGTERM, "checkpoints" (tells the launcher) and exits 75.
+    worker = (
+        "import os, signal, sys, time\n"
+        "from ftkit.train.interrupt import tell_launcher\n"
+        "def stop(sig, frame):\n"
+        "    open(sys.argv[1], 'a').write(f'{os.getpid()} {signal.Signals(sig).name}\\n'); tell_launcher(); sys.exit(75)\n"
+        "signal.signal(signal.SIGTERM, stop); signal.signal(signal.SIGINT, stop)\n"
+        "open(sys.argv[1] + '.ready', 'a').write('x')\n"
+        "time.sleep(60)\n"
+    )
+    launcher = (
+        "import subprocess, sys, signal\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"  # a launcher that waits for its workers
+        f"procs = [subprocess.Popen([sys.executable, '-c', {worker!r}, sys.argv[1]]) for _ in range(2)]\n"
+        "sys.exit(1 if any(p.wait() for p in procs) else 0)\n"
+    )
+    heard = tmp_path / "heard"
+    main = ("import sys; from pathlib import Path; from ftkit.train.interrupt import run_forwarding\n"
+            f"sys.exit(run_forwarding([sys.executable, '-c', {launcher!r}, {str(heard)!r}], Path({str(tmp_path / 'status')!r})))\n")
+    proc = subprocess.Popen([sys.executable, "-c", main], env=ENV)
+    ready = Path(str(heard) + ".ready")
+    deadline = time.monotonic() + 60
+    while not (ready.exists() and len(ready.read_text()) == 2):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=60) == EXIT_RESUME
+    lines = heard.read_text().splitlines()
+    assert len(lines) == 2 and len({line.split()[0] for line in lines}) == 2 and all(line.endswith("SIGTERM") for line in lines)

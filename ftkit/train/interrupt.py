@@ -16,14 +16,19 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 EXIT_RESUME = 75  # os.EX_TEMPFAIL
 REPEAT_GRACE = 1.0
 SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
+# Set by `ftkit launch` for its workers: the file where a worker that stopped on a signal leaves EXIT_RESUME,
+# since accelerate's launcher turns any worker's non-zero exit into its own exit 1.
+STATUS_ENV = "FTKIT_LAUNCH_STATUS"
 
 
 class StopSignals:
@@ -68,3 +73,39 @@ class Interrupted(SystemExit):
     def __init__(self, message: str):
         super().__init__(EXIT_RESUME)
         self.message = message
+
+
+def tell_launcher() -> None:
+    """In a worker of `ftkit launch`: leave word that the run stopped on a signal with its checkpoint written."""
+    path = os.environ.get(STATUS_ENV)
+    if path:
+        Path(path).write_text(str(EXIT_RESUME))
+
+
+def run_forwarding(cmd: Sequence[str], status: Path) -> int:
+    """Run a launcher (`accelerate launch ...`) in a process group of its own and pass each signal this process
+    gets to that whole group, so that every worker hears it once and together they write one checkpoint
+    (a terminal's Ctrl-C then reaches the workers only through here: no worker counts it twice). The exit
+    code is EXIT_RESUME when the workers stopped on a signal with their checkpoint (a signal sent here, or to
+    one worker alone), else the launcher's."""
+    status.unlink(missing_ok=True)
+    child = subprocess.Popen(list(cmd), env={**os.environ, STATUS_ENV: str(status)}, start_new_session=True)
+
+    def forward(signum: int, frame: Any) -> None:
+        try:
+            os.killpg(child.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in SIGNALS} if threading.current_thread() is threading.main_thread() else {}
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    try:
+        told = status.read_text().strip() == str(EXIT_RESUME)
+        status.unlink()
+    except OSError:
+        told = False
+    return EXIT_RESUME if told and code != 0 else code

@@ -12,7 +12,7 @@ from ftkit.common.distributed import current
 from ftkit.common.errors import FtkitError
 from ftkit.recipe.schema import Recipe
 from ftkit.train import checkpoint as ckpt
-from ftkit.train.interrupt import EXIT_RESUME, Interrupted
+from ftkit.train.interrupt import EXIT_RESUME, Interrupted, tell_launcher
 from ftkit.train.loop import StageResult, Trainer
 from ftkit.train.prepare import Prepared, check_resume_word, prepare
 
@@ -88,6 +88,7 @@ def run_stages(recipes: list[Recipe], backend: str, resume: str | None = None, q
                            f"{done.run_dir / 'checkpoints'}: --resume auto goes on from it (exit {EXIT_RESUME})")
                 if current().is_main:
                     console().print(f"[yellow]{message}[/]", highlight=False)
+                tell_launcher()
                 raise Interrupted(message)
             if done.steps < done.total_steps:
                 return results + [done]
