@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from ftkit.data.batch import Batch
+from ftkit.data.batch import Batch, PairBatch
 
 if TYPE_CHECKING:
     import numpy as np
@@ -31,6 +31,22 @@ class Backend(Protocol):
         float or a device scalar (anything with `.item()`: the core reads it only when it reports, so
         a step needs no host sync). `sync=False`: more micro-batches of this step follow, so several
         processes need not reduce their gradients yet."""
+
+    def set_reference(self, adapter: Path | None) -> None:
+        """What DPO's reference passes use from now on (called after `load`, before `start_training`): None = the
+        base with the adapter switched off (for `full`: the base model at the recipe's model path, a frozen copy);
+        a path = that adapter folder (common format; a model folder for `full`) loaded frozen beside the trained one.
+        Resume calls it with the same argument as the run that started, so the reference never moves."""
+
+    def pair_forward_backward(self, batch: PairBatch, scale: float, sync: bool = True) -> dict[str, Any]:
+        """The preference objective of the loaded recipe (ftkit.backend.objectives, `Preference.of(recipe.train)`):
+        accumulate gradients of `scale * sum over pairs of the pair loss` and return the sums over the batch's pairs of
+        "loss" and every metric of `Preference.metric_names` (device scalars or floats, as `forward_backward`).
+        The policy runs with dropout as in training; the reference (DPO) without gradients or dropout."""
+
+    def sequence_logps(self, batch: PairBatch, reference: bool = False) -> "np.ndarray":
+        """Each sequence's sum of target-token log-probabilities, float64 [2 x pairs], no gradients, no dropout;
+        `reference`: under the reference that `set_reference` set (validation and `ftkit eval`)."""
 
     def optimizer_step(self, lr: float, skip_nonfinite: bool = False) -> dict[str, Any]:
         """Clip, step at `lr`, zero the gradients; return e.g. {"grad_norm": ...} (floats or device scalars).

@@ -67,6 +67,45 @@ class Splits:
     dropped_where: dict[str, list[str]] = field(default_factory=dict)  # per split: the first dropped rows, each with why
 
 
+@dataclass
+class Pair:
+    """One preference example: prompt + chosen and prompt + rejected, each an Example whose mask marks its
+    response (the prompt is the same token ids in both)."""
+
+    chosen: Example
+    rejected: Example
+    truncated: bool = False
+
+    @property
+    def ids(self) -> list[int]:  # what length-based code (packing, grouping, stats) measures: both sequences
+        return self.chosen.ids + self.rejected.ids
+
+
+@dataclass
+class PairBatch:
+    """A micro-batch of preference pairs: their 2 x pairs sequences laid out in `batch`'s rows (padded: one
+    sequence a row; packed: several, with `batch.positions`). `sequence[r, t]` says which sequence the target
+    at (r, t) belongs to: 2i is pair i's chosen, 2i + 1 its rejected; -1 where the mask is 0."""
+
+    batch: Batch
+    sequence: "np.ndarray"  # int32 [B, T]
+    n_pairs: int
+
+    @property
+    def tokens_per_sequence(self) -> "np.ndarray":
+        """float64 [2 x pairs]: each sequence's target-token count."""
+        seq = self.sequence[self.sequence >= 0]
+        return np.bincount(seq, minlength=2 * self.n_pairs).astype(np.float64)
+
+    @property
+    def n_targets(self) -> int:
+        return self.batch.n_targets
+
+    @property
+    def n_tokens(self) -> int:
+        return self.batch.n_tokens
+
+
 def check_batch(batch: Batch) -> Batch:
     if batch.n_targets == 0:
         raise DataError(

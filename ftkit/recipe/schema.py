@@ -64,6 +64,10 @@ KEY_ALIASES: dict[str, str] = {
     **dict.fromkeys(["torch_dtype"], "model.dtype"),
     **dict.fromkeys(["output_dir", "adapter_file", "save_path"], "output.dir"),
     **dict.fromkeys(["bf16", "fp16", "mixed_precision"], "torch.precision"),
+    **dict.fromkeys(["dpo_beta", "kl_beta"], "train.beta"),
+    **dict.fromkeys(["dpo_loss_type", "loss"], "train.loss_type"),
+    **dict.fromkeys(["orpo_alpha", "lambda", "orpo_beta"], "train.orpo_lambda"),
+    **dict.fromkeys(["rl", "training_type", "stage", "trainer"], "train.objective"),
     **dict.fromkeys(["wandb_project"], "log.project"),
     **dict.fromkeys(["wandb_run_name"], "log.run_name"),
 }
@@ -153,7 +157,9 @@ class MixSource(MappingFields):
 
 class DataSection(MappingFields):
     path: str = Field(description="Folder with train/valid/test files, one file, or a `datasets` hub id.")
-    format: Literal["auto", "text", "completion", "chat"] = Field("auto", description="Example format; auto-detected.")
+    format: Literal["auto", "text", "completion", "chat", "preference"] = Field(
+        "auto", description="Example format; auto-detected. preference: rows with a prompt (or messages) and a chosen and a rejected response (train.objective dpo/orpo)."
+    )
     train_on: Literal["auto", "completion", "all"] = Field(
         "auto",
         description="Loss on all tokens, or on the completion / assistant turns only. "
@@ -170,6 +176,8 @@ class DataSection(MappingFields):
     prompt_field: str = Field("prompt", description="Column holding the prompt (completion format).")
     completion_field: str = Field("completion", description="Column holding the completion (completion format).")
     messages_field: str = Field("messages", description="Column holding the messages (chat format).")
+    chosen_field: str = Field("chosen", description="Column holding the preferred response (preference format): a string, or a message list.")
+    rejected_field: str = Field("rejected", description="Column holding the dispreferred response (preference format): a string, or a message list.")
     subset: str | None = Field(None, description="Hub data set configuration name.")
     add_eos: bool = Field(True, description="Append the EOS token to text and completion examples (chat templates end their own turns).")
     chat_format: Literal["auto", "chatml", "llama3", "mistral", "alpaca", "phi", "gemma"] = Field(
@@ -231,6 +239,15 @@ class TrainSection(Section):
         "data position and the RNG still advance; metrics.jsonl counts skipped_steps; 10 skips in a row stop the run). "
         "Weights are checked before every checkpoint and the final adapter either way."
     )
+    objective: Literal["sft", "dpo", "orpo"] = Field(
+        "sft", description='sft: next-token loss on the targets. dpo / orpo: preference tuning on data.format = "preference" '
+        "rows (prompt, chosen, rejected): DPO against a frozen reference (the base with the adapter off, or the adapter the "
+        "run starts from), ORPO without one."
+    )
+    beta: float = Field(0.1, gt=0, description="dpo: the KL penalty's strength beta (TRL's beta); rewards are beta x the log-ratio to the reference.")
+    loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="dpo: sigmoid (the DPO paper) or ipo (squared loss on per-token mean log-ratios).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo, sigmoid: the assumed share of flipped labels (conservative DPO).")
+    orpo_lambda: float = Field(0.1, gt=0, description="orpo: the weight of the odds-ratio term against the chosen responses' NLL (TRL's ORPO beta).")
     allow_data_change: bool = Field(
         False, description="--resume onto training data that differs from the checkpoint's (its fingerprint of the train "
         "split): the run goes on from the old data position on the new data. Off: such a resume is refused."
