@@ -370,6 +370,24 @@ def completion_loss_on_text_without_marker(w):
 
 
 @case("recipes")
+def dpo_on_a_named_sft_format(w):
+    p = w.recipe(data={"format": "completion"}, train={"objective": "dpo"})
+    return check(w, p), [str(p), "train.objective = 'dpo'", "data.format = 'preference'", "train.objective = 'sft'"]
+
+
+@case("recipes")
+def preference_format_with_the_sft_objective(w):
+    p = w.recipe(data={"format": "preference"})
+    return check(w, p), [str(p), "data.format = 'preference'", "train.objective = 'dpo' or 'orpo'"]
+
+
+@case("recipes")
+def orpo_with_prompt_tuning(w):
+    p = w.recipe(method={"kind": "prompt"}, train={"objective": "orpo"})
+    return check(w, p), [str(p), "method.kind = 'prompt'", "virtual tokens", "'lora'"]
+
+
+@case("recipes")
 def model_path_missing(w):
     p = w.recipe(model={"path": "./no-such-model"})
     return check(w, p), [str(p), "model.path", "no-such-model", "does not exist"]
@@ -618,6 +636,38 @@ def template_names_a_missing_column(w):
     p, d = with_data(w, {"train.jsonl": [{"question": "a", "answer": "b"}]}, valid_fraction=0,
                      prompt_template="Q: {questoin}", completion_template=" {answer}")
     return dry(w, p), [f"{d / 'train.jsonl'}:1", "questoin"]
+
+
+PAIR = {"prompt": "How many rows?\nSQL:", "chosen": " SELECT COUNT(*) FROM t", "rejected": " SELECT * FROM t"}
+
+
+@case("data")
+def preference_row_missing_rejected(w):
+    rows = [PAIR, {"prompt": PAIR["prompt"], "chosen": PAIR["chosen"]}]
+    d = w.data_dir({"train.jsonl": rows})
+    p = w.recipe(data={"path": str(d), "valid_fraction": 0}, train={"objective": "dpo"})
+    return dry(w, p), [f"{d / 'train.jsonl'}:2", "missing key 'rejected'", "data.rejected_field"]
+
+
+@case("data")
+def preference_chosen_not_a_string_or_messages(w):
+    rows = [PAIR, dict(PAIR, chosen={"text": "SELECT 1"})]
+    d = w.data_dir({"train.jsonl": rows})
+    p = w.recipe(data={"path": str(d), "valid_fraction": 0}, train={"objective": "orpo"})
+    return dry(w, p), [f"{d / 'train.jsonl'}:2", "'chosen' must be a string, a {role, content} message or a list of messages"]
+
+
+@case("data")
+def dpo_on_text_data(w):
+    p = w.recipe(train={"objective": "dpo"})
+    return dry(w, p), [str(w.data / "train.jsonl"), "train.objective = 'dpo'", "text data", "data.format = 'preference'",
+                       "train.objective = 'sft'"]
+
+
+@case("data")
+def preference_data_with_the_sft_objective(w):
+    p, d = with_data(w, {"train.jsonl": [PAIR] * 4}, valid_fraction=0)
+    return dry(w, p), [str(d / "train.jsonl"), "preference pairs", "train.objective = 'dpo' or 'orpo'", "data.format"]
 
 
 @case("data")
@@ -1201,6 +1251,15 @@ def rows_without_an_assistant_turn(w):
     d = w.data_dir({"train.jsonl": rows})
     p = w.recipe(data={"path": str(d), "valid_fraction": 0})
     return dry(w, p), ["2 of 8 train examples", "no token to train on", "assistant", f"{d / 'train.jsonl'}:7"]
+
+
+@said
+def preference_pairs_cut_and_left_out(w):
+    rows = [PAIR, dict(PAIR, rejected=PAIR["chosen"])] + [dict(PAIR, prompt=f"q {i}\nSQL:") for i in range(4)]
+    d = w.data_dir({"train.jsonl": rows})
+    p = w.recipe(data={"path": str(d), "valid_fraction": 0, "max_seq_length": 16}, train={"objective": "dpo", "batch_size": 2})
+    return dry(w, p), ["2 of 6 train pairs", "data.max_seq_length = 16: their prompts are kept and their responses cut",
+                       "1 of 6 train pairs are left out", f"{d / 'train.jsonl'}:2 (chosen and rejected are the same tokens)"]
 
 
 @said

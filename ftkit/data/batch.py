@@ -65,6 +65,7 @@ class Splits:
     n_dropped: dict[str, int] = field(default_factory=dict)  # per split: examples with no target token
     lengths: dict[str, dict[str, int]] = field(default_factory=dict)  # per split: p50, p90, p99, max tokens before truncation
     dropped_where: dict[str, list[str]] = field(default_factory=dict)  # per split: the first dropped rows, each with why
+    n_prompt_cut: dict[str, int] = field(default_factory=dict)  # preference pairs: per split, prompts cut from the left
 
 
 @dataclass

@@ -10,7 +10,7 @@ from ftkit.common.suggest import did_you_mean
 from ftkit.data import chat_formats
 from ftkit.data.batch import Example, Splits
 from ftkit.data.mapping import read_parts
-from ftkit.data.rows import SPLITS, detect_format
+from ftkit.data.rows import SPLITS, Part, detect_format
 
 if TYPE_CHECKING:
     from ftkit.recipe.schema import DataSection
@@ -276,9 +276,14 @@ def _assistant_spans_by_offsets(tokenizer: Any, messages: list[dict], text: str,
     return spans
 
 
-def tokenize_splits(data: "DataSection", tokenizer: Any) -> Splits:
-    parts = read_parts(data)
+def tokenize_splits(data: "DataSection", tokenizer: Any, parts: dict[str, Part] | None = None) -> Splits:
+    """SFT examples; `parts`: the rows, already read. Preference rows: ftkit.data.preference.tokenize (which builds
+    on this module, so this one cannot call it)."""
+    parts = read_parts(data) if parts is None else parts
     fmt = detect_format(parts["train"].rows, data, parts["train"].source)
+    if fmt == "preference":
+        raise DataError(f"{parts['train'].source}: preference rows (chosen, rejected) are tokenized as pairs by "
+                        "ftkit.data.preference.tokenize, not as SFT examples.")
     train_on = resolve_train_on(data.train_on, fmt, data.response_template)
     if fmt == "text" and train_on == "completion" and not data.response_template:
         raise DataError(

@@ -1,6 +1,7 @@
 """Data: rows from files or the hub -> token ids with per-token loss masks -> padded, shifted batches.
 
-Three formats: `text` ({"text"}), `completion` ({"prompt", "completion"}) and `chat` ({"messages"}).
+Four formats: `text` ({"text"}), `completion` ({"prompt", "completion"}), `chat` ({"messages"}) and
+`preference` ({"prompt", "chosen", "rejected"}: pairs for DPO and ORPO, ftkit.data.preference).
 A mask is per token: `mask[i] == 1` means predicting token i (from tokens < i) counts toward the loss,
 so `mask[0]` never matters; `make_batch` does the shift.
 
@@ -243,6 +244,8 @@ def detect_format(rows: list[dict], data: "DataSection", where: str) -> str:
     if data.format != "auto":
         return data.format
     columns = list(dict.fromkeys(k for row in rows for k in row))
+    if data.chosen_field in columns and data.rejected_field in columns:
+        return "preference"
     if data.messages_field in columns:
         return "chat"
     if data.prompt_field in columns and data.completion_field in columns:
@@ -252,6 +255,7 @@ def detect_format(rows: list[dict], data: "DataSection", where: str) -> str:
     raise DataError(
         f"{where}: cannot tell the data format from the columns {columns}. Chat data needs a "
         f"'{data.messages_field}' column, completion data '{data.prompt_field}' and '{data.completion_field}', "
-        f"text data '{data.text_field}'. Map your columns with data.messages_field, data.prompt_field and "
-        f"data.completion_field, or data.text_field (and set data.format to be explicit)."
+        f"text data '{data.text_field}', preference data '{data.chosen_field}' and '{data.rejected_field}' (with "
+        f"'{data.prompt_field}' or '{data.messages_field}'). Map your columns with data.messages_field, data.prompt_field and "
+        f"data.completion_field, data.text_field, or data.chosen_field and data.rejected_field (and set data.format to be explicit)."
     )

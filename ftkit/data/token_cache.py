@@ -28,8 +28,9 @@ from ftkit.common.console import console
 from ftkit.common.fingerprints import fingerprint_tokenizer
 from ftkit.common.hub import looks_like_hub_id
 from ftkit.common.paths import cache_root
-from ftkit.data.batch import Example, Splits
-from ftkit.data.encode import tokenize_splits
+from ftkit.data.batch import Example, Pair, Splits
+from ftkit.data.preference import FORMAT as PREFERENCE
+from ftkit.data.preference import longest, sequences, tokenize
 from ftkit.data.rows import SPLITS
 from ftkit.data.stats import notes
 from ftkit.models.folder import CONFIG, context_length, context_problem
@@ -62,6 +63,12 @@ class TokenStore(Sequence[Example]):
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(i)
+        return self._item(i)
+
+    def _item(self, i: int) -> Example:
+        return self._sequence(i)
+
+    def _sequence(self, i: int) -> Example:
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
         return Example(self.tokens[a:b].tolist(), self.masks[a:b].tolist(), bool(self.truncated[i]))
 
@@ -70,6 +77,25 @@ class TokenStore(Sequence[Example]):
 
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
+
+
+class PairStore(TokenStore):
+    """A preference split: its pairs' sequences interleaved in TokenStore's arrays (2i: pair i's chosen, 2i + 1
+    its rejected), so the arrays (and data fingerprints over them) read as the flat sequence list does."""
+
+    def __len__(self) -> int:
+        return (len(self.offsets) - 1) // 2
+
+    def _item(self, i: int) -> Pair:  # type: ignore[override]
+        chosen, rejected = self._sequence(2 * i), self._sequence(2 * i + 1)
+        return Pair(chosen, rejected, truncated=chosen.truncated or rejected.truncated)
+
+    def lengths(self) -> np.ndarray:
+        """Each pair's tokens, both sequences (len(Pair.ids), as length grouping measures a pair)."""
+        return np.diff(self.offsets).reshape(-1, 2).sum(axis=1)
+
+    def longest(self) -> np.ndarray:
+        return np.diff(self.offsets).reshape(-1, 2).max(axis=1)
 
 
 def _write_split(folder: Path, split: str, examples: Sequence[Example]) -> None:
@@ -139,20 +165,21 @@ def load(data: Any, tokenizer: Any, tokenize: Callable[[Any, Any], Splits]) -> S
         splits = tokenize(data, tokenizer)  # errors in the data surface here, before anything is written
         _store(folder, splits)
     meta = json.loads((folder / "meta.json").read_text())
-    stores = {split: TokenStore(folder, split) for split in SPLITS}
+    store = PairStore if meta["format"] == PREFERENCE else TokenStore
+    stores = {split: store(folder, split) for split in SPLITS}
     return Splits(**stores, format=meta["format"], train_on=meta["train_on"], n_truncated=meta["n_truncated"],
                   sources=meta["sources"], n_dropped=meta["n_dropped"], lengths=meta.get("lengths", {}),
-                  dropped_where=meta.get("dropped_where", {}))
+                  dropped_where=meta.get("dropped_where", {}), n_prompt_cut=meta.get("n_prompt_cut", {}))
 
 
 def _store(folder: Path, splits: Splits) -> None:
     # keep_existing: another process (a rank of the same run) may put the same entry in place first.
     with atomic_dir(folder, keep_existing=True) as tmp:
         for split in SPLITS:
-            _write_split(tmp, split, getattr(splits, split))
+            _write_split(tmp, split, sequences(getattr(splits, split)))  # a pair: its chosen, then its rejected
         meta = {"format": splits.format, "train_on": splits.train_on, "n_truncated": splits.n_truncated,
                 "sources": splits.sources, "n_dropped": splits.n_dropped, "lengths": splits.lengths,
-                "dropped_where": splits.dropped_where}
+                "dropped_where": splits.dropped_where, "n_prompt_cut": splits.n_prompt_cut}
         (tmp / "meta.json").write_text(json.dumps(meta))
 
 
@@ -166,7 +193,7 @@ def load_splits(data: "DataSection", tokenizer: Any, quiet: bool = False) -> Spl
     model's context (with the examples that are longer than it). A warning, not an error: transformers
     itself only warns, RoPE models run past their config's max_position_embeddings (worse, not broken),
     and the recipe may be meant for a longer-context model than the one it runs on now."""
-    splits = tokenize_splits(data, tokenizer) if not data.cache else load(data, tokenizer, tokenize_splits)
+    splits = tokenize(data, tokenizer) if not data.cache else load(data, tokenizer, tokenize)
     context = model_context(tokenizer)
     limit = context_length(context[1]) if context is not None else None
     said = [] if quiet else notes(splits, data, limit[0] if limit else None)
@@ -192,5 +219,8 @@ def model_context(tokenizer: Any) -> tuple[Path, dict] | None:
         return None
 
 
-def _lengths(examples: Sequence[Example]) -> Sequence[int]:
-    return examples.lengths() if isinstance(examples, TokenStore) else [len(e.ids) for e in examples]
+def _lengths(examples: Sequence[Example] | Sequence[Pair]) -> Sequence[int]:
+    """Each example's tokens; a pair's longer sequence (what must fit the model's context)."""
+    if isinstance(examples, PairStore):
+        return examples.longest()
+    return examples.lengths() if isinstance(examples, TokenStore) else longest(examples)

@@ -26,6 +26,7 @@ def _check_combinations(r: Recipe, where: str) -> list[str]:
     if r.data.packing == "on" and r.method.kind in ("prompt", "prefix"):
         errors.append(f"{where}: data.packing = 'on' cannot pack {r.method.kind} tuning: its virtual tokens start every "
                       "example's row. Set data.packing = 'auto' or 'off'.")
+    errors += _objective_problems(r, where)
     if r.method.kind == "full" and r.model.quantize != "none":
         errors.append(f"{where}: method.kind = 'full' cannot train a quantized base (model.quantize = '{r.model.quantize}').")
     if r.method.kind == "full" and r.method.resume_from:
@@ -43,6 +44,28 @@ def _check_combinations(r: Recipe, where: str) -> list[str]:
                       f"{missing_path(r.method.resume_from)}")
 
     errors += recipe_problems(r, where)
+    return errors
+
+
+def _objective_problems(r: "Recipe", where: str) -> list[str]:
+    """train.objective against data.format (when the recipe names it; auto-detected data is checked once read,
+    ftkit.data.preference.check_objective) and against method.kind."""
+    errors, objective, fmt = [], r.train.objective, r.data.format
+    if objective in ("dpo", "orpo") and fmt not in ("auto", "preference"):
+        errors.append(f"{where}: train.objective = '{objective}' trains on preference pairs, but data.format = '{fmt}'. Set "
+                      "data.format = 'preference' (rows with a prompt or messages, a chosen and a rejected response), or "
+                      "train.objective = 'sft'.")
+    if objective == "sft" and fmt == "preference":
+        errors.append(f"{where}: data.format = 'preference' holds pairs for train.objective = 'dpo' or 'orpo', but "
+                      "train.objective = 'sft'. Set train.objective, or data.format to read the rows as SFT data.")
+    if objective in ("dpo", "orpo") and r.method.kind in ("prompt", "prefix"):
+        errors.append(f"{where}: train.objective = '{objective}' with method.kind = '{r.method.kind}' is not supported: "
+                      "a preference batch lays out two sequences a pair (several to a row when packed) and scores them with "
+                      "the adapter on and off, and virtual tokens have no place in that layout. Use method.kind = 'lora', "
+                      "'dora' or 'full'.")
+    if fmt == "preference" and r.data.train_on == "all":
+        errors.append(f"{where}: data.train_on = 'all' with preference data: DPO and ORPO compare the responses' "
+                      "log-probabilities, the prompt is never a target. Remove data.train_on.")
     return errors
 
 
