@@ -322,7 +322,7 @@ def eval_(
     set_: SetOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Loss, perplexity and the recipe's \\[eval] task metrics (accuracy, macro-F1, exact match ...), base vs adapter."""
+    """Loss, perplexity and the recipe's \\[eval] task metrics (accuracy, macro-F1, exact match ...), base vs adapter; on preference data, preference accuracy (chosen above rejected)."""
     from ftkit.evaluate.evaluation import evaluate_recipe
 
     if split not in (None, "test", "valid", "train"):
@@ -334,7 +334,7 @@ def eval_(
         return
     from ftkit.common.console import console
 
-    if result.get("before") is None and not result["tasks"]:
+    if result.get("before") is None and not result["tasks"] and "preference_accuracy" not in result:
         console().print(f"{result['split']}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.3f} "
                         f"({result['examples']} examples, {result['target_tokens']} target tokens, {result['backend']})")
         return

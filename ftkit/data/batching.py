@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ftkit.common.distributed import World
-from ftkit.data.batch import Batch, Example, make_batch
+from ftkit.data.batch import Batch, Example, Pair, PairBatch, make_batch
 from ftkit.data.packing import packed_micro_batches
+from ftkit.data.pairs import pair_micro_batches
 
 # Examples per length group, in steps: HF's LengthGroupedSampler sorts mega-batches of 50 batches.
 GROUP_STEPS = 50
@@ -73,7 +74,9 @@ def step_note(n_train: int, batch_size: int, grad_accum: int = 1, processes: int
             "or less, or add data.")
 
 
-def micro_batches(examples: Sequence[Example], batch_size: int, pad_id: int | None, packing: bool) -> list[Batch]:
+def micro_batches(examples: Sequence[Example] | Sequence[Pair], batch_size: int, pad_id: int | None, packing: bool) -> list[Batch] | list[PairBatch]:
+    if examples and isinstance(examples[0], Pair):
+        return pair_micro_batches(examples, batch_size, pad_id, packing)
     if packing:
         return packed_micro_batches(examples, batch_size, pad_id)
     return [make_batch(list(examples[j : j + batch_size]), pad_id) for j in range(0, len(examples), batch_size)]
@@ -83,11 +86,17 @@ def micro_batches(examples: Sequence[Example], batch_size: int, pad_id: int | No
 class Share:
     """One process's part of a step (or of a validation pass)."""
 
-    batches: list[Batch]  # this process's micro-batches
+    batches: list[Batch] | list[PairBatch]  # this process's micro-batches
     runs: int  # how many micro-batches every process runs (the largest share)
     targets: int  # target tokens of all the examples, over all processes
     tokens: int  # their non-padding tokens
-    spare: Batch | None = None  # for a process that got no micro-batch at all
+    spare: Batch | PairBatch | None = None  # for a process that got no micro-batch at all
+    pairs: int = 0  # preference pairs (each counts once in the loss: the step's weight), 0 for SFT examples
+
+    @property
+    def weight(self) -> int:
+        """What the step's loss is a mean over: target tokens (SFT, token-weighted) or pairs (preference)."""
+        return self.pairs or self.targets
 
     def filler(self) -> Batch:
         """What a process with fewer micro-batches runs, with weight 0, to keep in step with the others."""
@@ -101,11 +110,13 @@ def share(examples: Sequence[Example], batch_size: int, pad_id: int | None, pack
     unit, as in one process). Packed: each process packs every n-th example itself, so that each
     packs as tightly as one process would.
     """
-    targets = sum(int(sum(e.mask[1:])) for e in examples)
-    tokens = sum(len(e.ids) - 1 for e in examples)
+    pairs = len(examples) if examples and isinstance(examples[0], Pair) else 0
+    seqs = [s for p in examples for s in (p.chosen, p.rejected)] if pairs else examples
+    targets = sum(int(sum(e.mask[1:])) for e in seqs)
+    tokens = sum(len(e.ids) - 1 for e in seqs)
     if world.size == 1:
         mine = micro_batches(examples, batch_size, pad_id, packing)
-        return Share(mine, len(mine), targets, tokens)
+        return Share(mine, len(mine), targets, tokens, pairs=pairs)
     if packing:
         parts = [micro_batches(examples[r :: world.size], batch_size, pad_id, True) if examples[r :: world.size] else []
                  for r in range(world.size)]
@@ -114,4 +125,4 @@ def share(examples: Sequence[Example], batch_size: int, pad_id: int | None, pack
         every = micro_batches(examples, batch_size, pad_id, False)
         mine, runs = world.share(every), -(-len(every) // world.size)
     spare = None if mine else micro_batches(examples[:1], batch_size, pad_id, packing)[0]
-    return Share(mine, runs, targets, tokens, spare)
+    return Share(mine, runs, targets, tokens, spare, pairs)

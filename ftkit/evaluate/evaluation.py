@@ -16,11 +16,14 @@ from ftkit.common.console import status
 from ftkit.common.errors import FtkitError
 from ftkit.data.mapping import read_rows
 from ftkit.evaluate.inference import load_for_inference
+from ftkit.evaluate.preference import preference_scores
 from ftkit.evaluate.tasks import Scorer, run_task
 from ftkit.recipe.schema import Recipe
 from ftkit.recipe.tasks import task_names, tasks_of
 from ftkit.train.prepare import prepare
 from ftkit.train.validate import evaluate
+
+PREFERENCE_KEYS = ("preference_accuracy", "preference_accuracy_per_token", "logps_chosen", "logps_rejected", "margin")
 
 
 def _task_rows(recipe: Recipe, split: str) -> tuple[dict[str, list[dict]], dict[str, list[str]]]:
@@ -86,28 +89,33 @@ def evaluate_recipe(recipe: Recipe, backend_name: str, adapter: Path | None, spl
             f"{recipe.data.path}: the {split} split is empty. Add a {split} file to the data folder, or set "
             f"data.{split}_fraction to hold out part of the training data."
         )
-    has_tasks = any(t.kind != "none" for t in tasks_of(recipe))
-    compare = (adapter is not None and has_tasks) if compare is None else (compare and adapter is not None)
+    pairs = prep.splits.format == "preference"
+    has_tasks = not pairs and any(t.kind != "none" for t in tasks_of(recipe))
+    compare = (adapter is not None and (has_tasks or pairs)) if compare is None else (compare and adapter is not None)
     rows = _task_rows(recipe, split) if has_tasks else None
     runs = ([("base", None)] if compare else []) + [("adapter" if adapter is not None else "base", adapter)]
     results: dict[str, dict[str, Any]] = {}
     for label, which in runs:
         backend = load_for_inference(recipe, backend_name, which, prep.model_path, prep.tokenizer)
-        loss = evaluate(backend, examples, recipe.train.batch_size, prep.tokenizer.pad_token_id, packing=recipe.packs)
+        if pairs:
+            scores = preference_scores(backend, examples, recipe.train.batch_size, prep.tokenizer.pad_token_id, recipe.packs)
+        else:
+            loss = evaluate(backend, examples, recipe.train.batch_size, prep.tokenizer.pad_token_id, packing=recipe.packs)
+            scores = {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else float("inf")}
         results[label] = {
-            "loss": loss, "perplexity": math.exp(loss) if loss < 700 else float("inf"),
-            "tasks": score_tasks(recipe, backend, prep.tokenizer, prep.splits.format, split, rows) if has_tasks else {},
+            **scores, "tasks": score_tasks(recipe, backend, prep.tokenizer, prep.splits.format, split, rows) if has_tasks else {},
             "backend": backend.name, "adapter": str(which) if which else None,
         }
         del backend
     last = results[runs[-1][0]]
+    seqs = [s for p in examples for s in (p.chosen, p.rejected)] if pairs else examples
     result = {
-        "split": split, "examples": len(examples), "target_tokens": sum(sum(e.mask[1:]) for e in examples),
-        **{k: last[k] for k in ("loss", "perplexity", "backend", "adapter", "tasks")},
+        "split": split, "examples": len(examples), "target_tokens": sum(sum(e.mask[1:]) for e in seqs),
+        **{k: last[k] for k in ("loss", "perplexity", "backend", "adapter", "tasks", *PREFERENCE_KEYS) if k in last},
     }
     if compare:
         result["before"], result["after"] = results["base"], results["adapter"]
-    if has_tasks or compare or out is not None:
+    if has_tasks or pairs or compare or out is not None:
         dest = Path(out) if out is not None else _run_folder(recipe, adapter) / f"eval-{split}.json"
         try:
             write_text_atomic(dest, json.dumps(_finite(result), indent=2) + "\n")
@@ -151,6 +159,9 @@ def comparison_rows(result: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     after = result.get("after") or result
     rows: list[tuple[str, Any, Any]] = [("loss", before and before["loss"], after["loss"]),
                                         ("perplexity", before and before["perplexity"], after["perplexity"])]
+    for key in PREFERENCE_KEYS:
+        if key in after:
+            rows.append((key.replace("_", " "), before and before[key], after[key]))
     for name, m in after.get("tasks", {}).items():
         b = (before or {}).get("tasks", {}).get(name, {})
         for key in ("accuracy", "macro_f1", "exact_match", "normalized_exact_match", "unmatched"):

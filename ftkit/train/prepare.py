@@ -13,6 +13,7 @@ import numpy as np
 
 from ftkit.adapters import init
 from ftkit.adapters import meta as adapter_format
+from ftkit.backend.objectives import Preference
 from ftkit.backend.protocol import Backend
 from ftkit.backend.registry import get_backend
 from ftkit.common import distributed
@@ -22,6 +23,7 @@ from ftkit.common.errors import FtkitError
 from ftkit.common.fingerprints import fingerprint_model, fingerprint_tokenizer
 from ftkit.data import batching
 from ftkit.data.batch import Splits
+from ftkit.data.preference import check_objective, sequences
 from ftkit.data.token_cache import load_splits
 from ftkit.models.resolve import resolve_model
 from ftkit.models.tokenizer import load_tokenizer
@@ -50,6 +52,7 @@ def prepare(recipe: Recipe, run_dir: Path | None = None) -> Prepared:
         tokenizer = load_tokenizer(model_path, recipe.model.trust_remote_code)
     with status(f"reading data {recipe.data.path}"):
         splits = load_splits(recipe.data, tokenizer)
+    check_objective(splits.format, recipe.train.objective, splits.sources.get("train", recipe.data.path))
     if not splits.train:
         raise FtkitError(f"{recipe.data.path}: the training split is empty.")
     world = distributed.current()
@@ -111,6 +114,7 @@ def data_fingerprint(train: Sequence[Any]) -> str:
     if all(hasattr(train, k) for k in ("tokens", "masks", "offsets")):
         offsets, tokens, masks = train.offsets, train.tokens, train.masks
     else:
+        train = sequences(train)  # preference pairs: chosen, rejected, ... as the token cache lays them out
         lengths = np.fromiter((len(e.ids) for e in train), np.int64, len(train))
         offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths)])
         tokens = np.fromiter((t for e in train for t in e.ids), np.int64, int(offsets[-1]))
@@ -178,12 +182,37 @@ def load(prep: Prepared, backend_name: str, resumed: Path | None, start_adapter:
         model_path, load_from = load_from, None
     with status(f"loading {prep.model_path.name} on {backend.name}"):
         backend.load(recipe, model_path, adapter=load_from, train=True)
+        pref = Preference.of(recipe.train)
+        if pref is not None and pref.uses_reference:
+            backend.set_reference(reference_of(prep, start_adapter))
     if resumed is None and load_from is None and recipe.is_adapter:
         _draw_initial_adapter(backend, prep)
     backend.start_training()  # wraps for DDP/FSDP once the starting values are in place
     if resumed is not None:
         backend.load_state(resumed / "state")
     return Loaded(backend, model_fp, tokenizer_fp)
+
+
+def reference_of(prep: Prepared, start_adapter: Path | None) -> Path | None:
+    """DPO's reference: the weights the run started from, the same on a resume. An adapter run: the starting adapter,
+    or None (the base with the adapter off). A full fine-tune: the starting model folder (a frozen second copy)."""
+    if prep.recipe.method.kind == "full":
+        return start_adapter or prep.model_path
+    return start_adapter
+
+
+def _describe_reference(prep: Prepared, start_adapter: Path | None) -> str:
+    pref = Preference.of(prep.recipe.train)
+    if pref is None:
+        return ""
+    if pref.objective == "orpo":
+        return f"objective: orpo (lambda {pref.orpo_lambda}), no reference model"
+    loss = pref.loss_type + (f", label smoothing {pref.label_smoothing}" if pref.label_smoothing else "")
+    ref = reference_of(prep, start_adapter)
+    where = ("the base with the adapter switched off (no second copy)" if ref is None else
+             f"a frozen copy of {ref} (a second model in memory)" if prep.recipe.method.kind == "full" else
+             f"the starting adapter {ref}, frozen")
+    return f"objective: dpo (beta {pref.beta}, {loss}); reference: {where}"
 
 
 def _draw_initial_adapter(backend: Backend, prep: Prepared) -> None:
@@ -202,7 +231,7 @@ def other_backend_keys(recipe: Recipe, backend_name: str) -> str:
     return ", ".join(f"{other}.{k} = {v!r}" for k, v in section if v != getattr(defaults, k))
 
 
-def banner(prep: Prepared, backend_name: str, info: dict[str, Any], resumed: Path | None) -> str:
+def banner(prep: Prepared, backend_name: str, info: dict[str, Any], resumed: Path | None, start_adapter: Path | None = None) -> str:
     """What a run says before its first step: method, device, parameters, data, schedule."""
     s, r, splits = prep.schedule, prep.recipe, prep.splits
     trainable, total = info.get("trainable_params", 0), info.get("total_params", 0)
@@ -214,6 +243,8 @@ def banner(prep: Prepared, backend_name: str, info: dict[str, Any], resumed: Pat
         f"data: {len(splits.train)} train / {len(splits.valid)} valid / {len(splits.test)} test examples ({splits.format}, loss on {splits.train_on})",
         f"schedule: {s.total_steps} steps x {s.examples_per_step} examples{procs}, validate every {s.steps_per_eval}, report every {s.steps_per_report}, checkpoint every {s.save_every}",
     ]
+    if Preference.of(r.train) is not None:
+        lines.append(_describe_reference(prep, start_adapter))
     if info.get("switches"):
         lines.append("switches: " + ", ".join(f"{k} {v}" for k, v in info["switches"].items()))
     if resumed:
