@@ -18,6 +18,15 @@ table shows medians over the repetitions, with the ratio ftkit / baseline under 
                  accumulation rows), so the token count is the same for both tools: the rows' target tokens
                  as ftkit's data pipeline masks them. The loop's seconds run from the tool's first step
                  (after loading and tokenizing) to the end of its last optimizer step, from its own clock.
+  model FLOP/s   the model FLOPs of those rows (bench/harness/flops.py: ftkit.train.flops' count of LoRA's forward and
+                 backward, attention per example, the head where the loss is read) / the same seconds. Both tools
+                 train the same rows, so the same FLOPs: the ratio is the tokens/s ratio; the figure says how far
+                 each is from the machine's limit:
+  of GEMM peak   that rate as a fraction of the GEMM peak,
+  GEMM peak      the best rate of this model's matrix products (hidden x hidden, hidden x intermediate, ~ a
+                 micro-batch of tokens) in the pair's dtype on this machine, measured by the benchmark in its own
+                 process before the runs and after them (the larger is used; both are in the JSON and the notes).
+                 ftkit's runs get the one before as their MFU peak (FTKIT_PEAK_FLOPS): no probe of their own.
   train s        those seconds; wall s: the whole child process (imports, load, tokenize, train, save).
   peak RSS MiB   peak resident memory of the child's process tree (bench/harness/process.py).
   final loss     mean training loss over the last report window (about the last quarter of the steps), as
@@ -45,47 +54,64 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from harness import datasets, models, process  # noqa: E402
+from harness import flops as bench_flops
 from harness import runs as tool_runs
 from harness.settings import PROFILES, ftkit_sets  # noqa: E402
 
 REPO = HERE.parent
 PAIRS = {"torch": ("ftkit torch", "Trainer+PEFT"), "mlx": ("ftkit mlx", "mlx_lm lora")}
-METRICS = ("tokens_per_s", "train_s", "wall_s", "peak_rss_mib", "final_loss")
-HEADERS = ("pair", "data", "tool", "trained tok/s", "train s", "wall s", "peak RSS MiB", "final loss")
+METRICS = ("tokens_per_s", "flops_per_s", "peak_fraction", "train_s", "wall_s", "peak_rss_mib", "final_loss")
+HEADERS = ("pair", "data", "tool", "trained tok/s", "model FLOP/s", "of GEMM peak", "GEMM peak FLOP/s", "train s", "wall s",
+           "peak RSS MiB", "final loss")
+COLUMNS = ("tokens_per_s", "flops_per_s", "peak_fraction", "gemm_peak", "train_s", "wall_s", "peak_rss_mib", "final_loss")
 
 
 # ---------------------------------------------------------------- the table
 
 
-def summarize(runs: list[dict], cells: list[tuple[str, str]]) -> list[dict]:
-    """Per (pair, data): the median of each figure for both tools, then their ratio."""
+def summarize(runs: list[dict], cells: list[tuple[str, str]], peaks: dict[str, float] | None = None) -> list[dict]:
+    """Per (pair, data): the median of each figure for both tools (and the pair's GEMM peak), then their ratio."""
     rows = []
     for pair, name in cells:
         meds = {}
         for tool in PAIRS[pair]:
             ok = [r for r in runs if (r["pair"], r["data"], r["tool"]) == (pair, name, tool) and "error" not in r]
-            meds[tool] = {k: statistics.median(r[k] for r in ok) if ok else None for k in METRICS}
-            rows.append({"pair": pair, "data": name, "tool": tool, "n": len(ok), **meds[tool]})
+            meds[tool] = {k: _median([r.get(k) for r in ok]) for k in METRICS}
+            rows.append({"pair": pair, "data": name, "tool": tool, "n": len(ok), **meds[tool], "gemm_peak": (peaks or {}).get(pair)})
         a, b = (meds[t] for t in PAIRS[pair])
         ratio = {k: a[k] / b[k] if a[k] is not None and b[k] else None for k in METRICS}
-        rows.append({"pair": pair, "data": name, "tool": "ftkit / baseline", "n": None, **ratio})
+        rows.append({"pair": pair, "data": name, "tool": "ftkit / baseline", "n": None, **ratio, "gemm_peak": None})
     return rows
 
 
+def _median(values: list) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known and len(known) == len(values) else None
+
+
+def _si(v: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if v >= scale:
+            return f"{v / scale:,.1f} {unit}"
+    return f"{v:,.0f}"
+
+
 def _cell(row: dict, k: str) -> str:
-    v = row[k]
+    v = row.get(k)
+    if k == "gemm_peak":  # one figure per pair: no ratio
+        return _si(v) if v else "-"
     if v is None:
         return "failed"
     if row["tool"] == "ftkit / baseline":
         return f"{v:.2f}x"
-    return {"tokens_per_s": f"{v:,.0f}" if v >= 100 else f"{v:.1f}", "train_s": f"{v:.1f}", "wall_s": f"{v:.1f}",
-            "peak_rss_mib": f"{v:,.0f}", "final_loss": f"{v:.4f}"}[k]
+    return {"tokens_per_s": f"{v:,.0f}" if v >= 100 else f"{v:.1f}", "flops_per_s": _si(v), "peak_fraction": f"{100 * v:.1f}%",
+            "train_s": f"{v:.1f}", "wall_s": f"{v:.1f}", "peak_rss_mib": f"{v:,.0f}", "final_loss": f"{v:.4f}"}[k]
 
 
 def render(rows: list[dict], markdown: bool) -> str:
-    body = [[r["pair"], r["data"], r["tool"], *(_cell(r, k) for k in METRICS)] for r in rows]
+    body = [[r["pair"], r["data"], r["tool"], *(_cell(r, k) for k in COLUMNS)] for r in rows]
     if markdown:
-        lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * 3 + "---:|" * len(METRICS)]
+        lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * 3 + "---:|" * len(COLUMNS)]
         return "\n".join(lines + ["| " + " | ".join(c if r[2] != "ftkit / baseline" else f"**{c}**" for c in r) + " |" for r in body])
     widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(HEADERS)]
     fmt = lambda cols: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cols, widths)))  # noqa: E731
@@ -201,9 +227,17 @@ def main(argv: list[str] | None = None) -> int:
             ps = pair_settings[p]
             data[p, name] = datasets.build(name, work, pair_model[p], ps.examples, packed_length, ps.max_seq_length, ps.seed)
             d = data[p, name]
-            say(f"{p}/{name}: {d.examples} rows, {d.target_tokens} target tokens of {d.tokens}, lengths {d.min_length}-{d.max_length} (median {d.median_length})")
+            d.flops = bench_flops.data_flops(pair_model[p], ps, d)
+            say(f"{p}/{name}: {d.examples} rows, {d.target_tokens} target tokens of {d.tokens}, lengths {d.min_length}-{d.max_length} "
+                f"(median {d.median_length}), {d.flops / 1e12:.3g} TFLOP per pass")
 
     cells = [(p, n) for p in pairs for n in chosen[p]]
+    # The machine's GEMM peak at each pair's model sizes, before the runs (and after them, below): in this process, alone.
+    shapes = {p: bench_flops.gemm_shapes(pair_model[p], pair_settings[p], data[p, chosen[p][0] if chosen[p] else "wikisql"]) for p in pairs}
+    gemm = {p: [bench_flops.gemm_peak(p, pair_settings[p], shapes[p], profile.gemm_seconds)] for p in pairs}
+    for p in pairs:
+        say(f"{p}: GEMM peak {gemm[p][0]['flops'] / 1e9:,.1f} GFLOP/s ({gemm[p][0]['dtype']}, {gemm[p][0]['device']}, "
+            f"(m, k, n) = {', '.join('x'.join(map(str, x)) for x in shapes[p])})")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None  # a busy machine makes every figure noisy
     runs = []
@@ -214,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                 run_dir = work / "runs" / stamp / f"{p}-{name}-{tool.replace(' ', '_').replace('+', '_')}-rep{rep}"
                 say(f"rep {rep + 1}/{reps}: {tool} on {name} ...")
                 if tool.startswith("ftkit"):
-                    raw = tool_runs.ftkit(p, ps, pair_model[p], d.folder, run_dir, args.ftkit_set, args.timeout, work=work)
+                    raw = tool_runs.ftkit(p, ps, pair_model[p], d.folder, run_dir, args.ftkit_set, args.timeout, work=work,
+                                          peak_flops=gemm[p][0]["flops"])
                 else:
                     raw = tool_runs.baseline(p, ps, pair_model[p], d, run_dir, args.timeout, work=work)
                 r = {"pair": p, "data": name, "tool": tool, "rep": rep, "run_dir": str(run_dir), **tool_runs.finish(raw, ps, d)}
@@ -222,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                 if "error" in r:
                     say(f"FAILED: {tool} on {name}: {r['error']}")
                 else:
-                    say(f"  {r['tokens_per_s']:,.1f} tok/s, train {r['train_s']:.1f} s, wall {r['wall_s']:.1f} s, "
+                    say(f"  {r['tokens_per_s']:,.1f} tok/s, {(r['flops_per_s'] or 0) / 1e9:,.2f} GFLOP/s, train {r['train_s']:.1f} s, wall {r['wall_s']:.1f} s, "
                         f"peak {r['peak_rss_mib']:,.0f} MiB, loss {r['final_loss']:.4f}")
     for p, name in cells:
         d = data[p, name]
@@ -231,7 +266,17 @@ def main(argv: list[str] | None = None) -> int:
             if own and own != {d.target_tokens}:
                 notes.append(f"{tool} on {name} counts {sorted(own)[0]} target tokens itself; the table uses the reference {d.target_tokens}")
 
-    rows = summarize(runs, cells)
+    peak = {}
+    for p in pairs:
+        gemm[p].append(bench_flops.gemm_peak(p, pair_settings[p], shapes[p], profile.gemm_seconds))
+        before, after = (g["flops"] for g in gemm[p])
+        peak[p] = max(before, after)
+        notes.append(f"{p} pair: GEMM peak {before / 1e9:,.1f} GFLOP/s before the runs, {after / 1e9:,.1f} after ({gemm[p][0]['dtype']}, "
+                     f"{gemm[p][0]['device']}); 'of GEMM peak' uses the larger (ftkit's own MFU in metrics.jsonl, the one before)")
+    for r in runs:
+        if r.get("flops_per_s"):
+            r["peak_fraction"] = r["flops_per_s"] / peak[r["pair"]]
+    rows = summarize(runs, cells, peak)
     report = {
         "profile": profile.name, "command": "python bench/speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": {**machine(), "load_average_before": load_before, "load_average_after": os.getloadavg() if load_before else None},
@@ -239,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {p: pair_settings[p].as_dict() for p in pairs}, "ftkit_sets": {p: ftkit_sets(pair_settings[p], args.ftkit_set) for p in pairs},
         "models": {p: models.describe(pair_model[p]) for p in pairs},
         "datasets": {f"{p}/{n}": d.as_dict() for (p, n), d in data.items()},
-        "table": rows, "runs": runs, "notes": notes,
+        "gemm_peak": gemm, "table": rows, "runs": runs, "notes": notes,
     }
     table = render(rows, args.markdown)
     header = (f"{profile.name}: {s.steps} steps x {s.batch_size} x {s.grad_accum} examples, LoRA r{s.rank} alpha {s.alpha:g} all-linear, "

@@ -30,7 +30,7 @@ from harness.settings import (  # noqa: E402
 )
 
 HAS_MLX = all(importlib.util.find_spec(m) is not None for m in ("mlx", "mlx_lm"))
-METRICS = ("tokens_per_s", "train_s", "wall_s", "peak_rss_mib", "final_loss")
+METRICS = ("tokens_per_s", "flops_per_s", "peak_fraction", "train_s", "wall_s", "peak_rss_mib", "final_loss")
 
 
 @pytest.mark.slow
@@ -60,6 +60,14 @@ def test_smoke_run_gives_a_full_table(tmp_path, tiny_model_dir):
         assert run["start"] < run["end"]
         d = report["datasets"][f"{run['pair']}/{run['data']}"]
         assert run["tokens_per_s"] == pytest.approx(d["target_tokens"] / run["train_s"])
+        # the data set's model FLOPs over the same seconds, as a fraction of the GEMM peak measured in the same run
+        assert run["flops_per_s"] == pytest.approx(d["flops"] / run["train_s"])
+        assert run["peak_fraction"] == pytest.approx(run["flops_per_s"] / max(g["flops"] for g in report["gemm_peak"][run["pair"]]))
+        if run["tool"].startswith("ftkit"):  # ftkit measured its own MFU against the benchmark's peak, at every report
+            assert run["own_mfu"] and all(m is not None and m > 0 for m in run["own_mfu"])
+    for p in report["pairs"]:  # the GEMM peak, before the runs and after them, at the model's sizes
+        assert len(report["gemm_peak"][p]) == 2 and all(g["flops"] > 0 and g["dtype"] == "float32" for g in report["gemm_peak"][p])
+        assert [r["gemm_peak"] for r in report["table"] if r["pair"] == p][:2] == [max(g["flops"] for g in report["gemm_peak"][p])] * 2
     for p in report["pairs"]:  # every set is built and counted, trained on or not
         for name in datasets.FORMATS:
             d = report["datasets"][f"{p}/{name}"]
@@ -71,6 +79,7 @@ def test_smoke_run_gives_a_full_table(tmp_path, tiny_model_dir):
     # what produced the figures is recorded with them
     assert report["machine"]["cores"] and report["versions"]["torch"] and report["versions"]["ftkit"]
     assert "trained tok/s" in proc.stderr and "ftkit / baseline" in proc.stderr
+    assert "model FLOP/s" in proc.stderr and "of GEMM peak" in proc.stderr and "GEMM peak FLOP/s" in proc.stderr
 
 
 def test_ftkit_recipe_is_what_the_settings_say(tmp_path):
@@ -155,6 +164,7 @@ def test_data_sets_are_one_epoch_of_the_same_rows(tmp_path, tokenizer_dir):
         again = datasets.build(name, tmp_path / "again", tokenizer_dir, 12, 48, 1024, seed=0)
         assert again.file.read_text() == d.file.read_text() and again.target_tokens == d.target_tokens  # seeded
         assert 0 < d.target_tokens < d.tokens
+        assert len(d.input_lengths) == 12 and sum(d.input_lengths) == d.tokens - 12  # what the model reads: each row but its last token
     assert built["chat"].target_tokens < built["chat"].tokens // 2  # loss on the answers only
     assert built["wikisql"].target_tokens == built["wikisql"].tokens - 12  # every token but each row's first
     assert 44 <= built["packed"].min_length <= built["packed"].max_length <= 52  # rows of ~48 tokens
@@ -188,14 +198,19 @@ def test_peak_memory_counts_the_process_tree(tmp_path):
 def test_table_is_medians_and_ratios():
     from speed import render, summarize
 
-    runs = [{"pair": "torch", "data": "chat", "tool": tool, "tokens_per_s": v, "train_s": 10 / v, "wall_s": 20.0,
-             "peak_rss_mib": 100.0 * v, "final_loss": 1.0} for tool, vals in (("ftkit torch", (3, 1, 2)), ("Trainer+PEFT", (1, 1, 4)))
-            for v in vals]
+    runs = [{"pair": "torch", "data": "chat", "tool": tool, "tokens_per_s": v, "flops_per_s": 1e9 * v, "peak_fraction": v / 10,
+             "train_s": 10 / v, "wall_s": 20.0, "peak_rss_mib": 100.0 * v, "final_loss": 1.0}
+            for tool, vals in (("ftkit torch", (3, 1, 2)), ("Trainer+PEFT", (1, 1, 4))) for v in vals]
     runs.append({"pair": "torch", "data": "chat", "tool": "Trainer+PEFT", "error": "exit 1"})
-    a, b, ratio = summarize(runs, [("torch", "chat")])
+    a, b, ratio = summarize(runs, [("torch", "chat")], {"torch": 1e10})
     assert (a["tokens_per_s"], b["tokens_per_s"], b["n"]) == (2, 1, 3)  # the failed run is left out, not counted as 0
     assert ratio["tokens_per_s"] == 2 and ratio["peak_rss_mib"] == 2 and ratio["final_loss"] == 1
-    assert "2.00x" in render([a, b, ratio], markdown=False) and "| **2.00x** |" in render([a, b, ratio], markdown=True)
+    assert (a["flops_per_s"], a["peak_fraction"], ratio["flops_per_s"]) == (2e9, 0.2, 2)
+    assert (a["gemm_peak"], b["gemm_peak"], ratio["gemm_peak"]) == (1e10, 1e10, None)  # one peak per pair, no ratio of it
+    text, md = render([a, b, ratio], markdown=False), render([a, b, ratio], markdown=True)
+    assert "2.00x" in text and "| **2.00x** |" in md
+    assert "model FLOP/s" in text and "2.0 G" in text and "20.0%" in text and "10.0 G" in text
+    assert md.splitlines()[1].count("---:|") == 8 and md.splitlines()[0].count("|") == md.splitlines()[2].count("|")
     only_failed = [r for r in runs if r["tool"] != "ftkit torch"] + [{"pair": "torch", "data": "chat", "tool": "ftkit torch", "error": "x"}]
     rows = summarize(only_failed, [("torch", "chat")])
     assert rows[0]["tokens_per_s"] is None and rows[2]["tokens_per_s"] is None and "failed" in render(rows, markdown=False)

@@ -102,6 +102,34 @@ def test_train_progress_renders_fields():
     assert "6/10" in text
 
 
+def test_train_progress_shows_mfu_or_flops():
+    con = _console()
+    with TrainProgress(10, console=con) as bar:
+        bar.update(1, loss=1.0, tokens_per_sec=900.0, mfu=0.4234, flops_per_sec=4.2e11)
+    assert "MFU 42.3%" in con.export_text()
+    con = _console()
+    with TrainProgress(10, console=con) as bar:  # no known peak: the achieved rate instead
+        bar.update(1, loss=1.0, tokens_per_sec=900.0, flops_per_sec=3.25e10)
+        bar.update(2, loss=1.0, tokens_per_sec=900.0)  # a record without FLOPs keeps the field as it was
+    assert "32.5 GFLOP/s" in con.export_text() and "MFU" not in con.export_text()
+
+
+def test_mfu_reaches_the_trackers_and_the_report(tmp_path):
+    from ftkit.ops.report import build
+    from ftkit.train.tracking import numeric
+
+    record = {"step": 2, "kind": "train", "loss": 1.0, "tokens_per_sec": 900.0, "flops_per_sec": 2e9, "mfu": 0.25}
+    assert numeric(record)["train/mfu"] == 0.25 and numeric(record)["train/flops_per_sec"] == 2e9
+    with MetricsLog(tmp_path) as log:
+        log.log({"step": 0, "kind": "run", "backend": "torch", "device": "cpu", "peak_flops_per_sec": 8e9, "peak_source": "probe",
+                 "peak_detail": "AMD EPYC CPU: best float32 GEMM rate"})
+        for step, mfu in ((1, 0.2), (2, 0.25), (3, 0.3)):
+            log.log({**record, "step": step, "mfu": mfu, "flops_per_sec": mfu * 8e9})
+    page = build(tmp_path)
+    assert 'id="plot-mfu"' in page and "median MFU" in page and "25.00%" in page
+    assert "<th>mfu</th>" in page and "<th>flops_per_sec</th>" in page and "best float32 GEMM rate" in page
+
+
 def test_train_progress_disabled_prints_nothing():
     # --json runs and every process but the first of a multi-process run stay silent
     con = _console()

@@ -16,7 +16,7 @@ counts toward the loss), the same count for every tool; each tool's own count is
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,13 +38,15 @@ class BenchData:
     min_length: int
     median_length: int
     max_length: int
+    input_lengths: list[int] = field(default_factory=list, repr=False)  # per row: the tokens the model reads (ids minus the last)
+    flops: float | None = None  # model FLOPs of one pass over the rows (harness.flops), set by bench/speed.py
 
     @property
     def file(self) -> Path:
         return self.folder / "train.jsonl"
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "folder": str(self.folder)}
+        return {**{k: v for k, v in asdict(self).items() if k != "input_lengths"}, "folder": str(self.folder)}
 
 
 def _rows(source: Path) -> list[str]:
@@ -108,4 +110,5 @@ def build(name: str, work: Path, model: Path, examples: int, packed_length: int,
     lengths = sorted(len(e.ids) for e in train)
     return BenchData(name=name, format=FORMATS[name], folder=folder, examples=examples,
                      target_tokens=int(sum(sum(e.mask[1:]) for e in train)), tokens=sum(lengths),
-                     min_length=lengths[0], median_length=lengths[len(lengths) // 2], max_length=lengths[-1])
+                     min_length=lengths[0], median_length=lengths[len(lengths) // 2], max_length=lengths[-1],
+                     input_lengths=[len(e.ids) - 1 for e in train])

@@ -3,7 +3,8 @@
 ftkit runs as a user runs it (`python -m ftkit.cli train RECIPE --backend B --json`) and is read back from
 its JSON result, `metrics.jsonl` and `final_state.json`; the baselines are bench/baseline_trainer.py and
 bench/baseline_mlx.py, which write `result.json`. Every record carries the loop's start and end (the
-tool's own clock), steps, examples consumed, final loss, wall time and peak resident memory.
+tool's own clock), steps, examples consumed, final loss, wall time and peak resident memory; `finish` adds the
+achieved model FLOP/s (the data set's FLOPs, harness.flops, over the train seconds).
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ REPO = BENCH.parent
 BASELINES = {"torch": "baseline_trainer.py", "mlx": "baseline_mlx.py"}
 
 
-def child_env(work: Path) -> dict:
+def child_env(work: Path, peak_flops: float | None = None) -> dict:
     """The same environment for every tool. ftkit's cache (tokenized data sets) lives in the work folder: the
-    benchmark neither uses nor fills the user's, and the first ftkit run of a data set tokenizes it."""
+    benchmark neither uses nor fills the user's, and the first ftkit run of a data set tokenizes it. `peak_flops`:
+    the GEMM peak the benchmark measured, as ftkit's MFU peak (FTKIT_PEAK_FLOPS), so that ftkit probes nothing itself."""
     path = os.pathsep.join(p for p in (str(REPO), str(REPO / "backends"), os.environ.get("PYTHONPATH", "")) if p)
     return {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-            "FTKIT_CACHE": str(work / "ftkit-cache")}
+            "FTKIT_CACHE": str(work / "ftkit-cache"), **({"FTKIT_PEAK_FLOPS": repr(peak_flops)} if peak_flops else {})}
 
 
 def _failed(m: process.Measured) -> dict:
@@ -36,14 +38,14 @@ def _failed(m: process.Measured) -> dict:
 
 
 def ftkit(backend: str, s: Settings, model: Path, data_folder: Path, run_dir: Path, extra_sets: list[str], timeout: float,
-          max_rss_bytes: int | None = None, work: Path | None = None) -> dict:
+          max_rss_bytes: int | None = None, work: Path | None = None, peak_flops: float | None = None) -> dict:
     run_dir.mkdir(parents=True)
     recipe = run_dir / "recipe-in.toml"
     recipe.write_text(ftkit_recipe(s, model, data_folder, run_dir / "run", backend))
     cmd = [sys.executable, "-m", "ftkit.cli", "train", str(recipe), "--backend", backend, "--json"]
     for item in ftkit_sets(s, extra_sets):
         cmd += ["--set", item]
-    m = process.run(cmd, env=child_env(work or run_dir.parent), cwd=run_dir, log_prefix=run_dir / "log", timeout_s=timeout,
+    m = process.run(cmd, env=child_env(work or run_dir.parent, peak_flops), cwd=run_dir, log_prefix=run_dir / "log", timeout_s=timeout,
                     max_rss_bytes=max_rss_bytes)
     if m.returncode != 0:
         return _failed(m)
@@ -55,7 +57,8 @@ def ftkit(backend: str, s: Settings, model: Path, data_folder: Path, run_dir: Pa
     return {"start": start, "end": train[-1]["time"], "report_ends": [r["time"] for r in train], "steps": out["steps"],
             "final_loss": train[-1]["loss"], "examples": state["position"], "own_target_tokens": out["stages"][-1]["trained_tokens"],
             "wall_s": m.wall_s, "peak_rss_bytes": m.peak_rss_bytes, "process_start": m.started_at,
-            "peak_gpu_memory_gib": max((r["peak_memory_gib"] for r in train if "peak_memory_gib" in r), default=None)}
+            "peak_gpu_memory_gib": max((r["peak_memory_gib"] for r in train if "peak_memory_gib" in r), default=None),
+            "own_mfu": [r.get("mfu") for r in train]}  # ftkit's own per-window MFU (its loop's FLOP count)
 
 
 def baseline(pair: str, s: Settings, model: Path, data: BenchData, run_dir: Path, timeout: float, max_rss_bytes: int | None = None,
@@ -79,4 +82,5 @@ def finish(raw: dict, s: Settings, data: BenchData) -> dict:
         return {**raw, "error": f"ran {raw['steps']} steps over {raw['examples']} examples, not {s.steps} over {s.examples}: "
                                 "its tokens/s would not be comparable"}
     train_s = raw["end"] - raw["start"]
-    return {**raw, "train_s": train_s, "tokens_per_s": data.target_tokens / train_s, "peak_rss_mib": raw["peak_rss_bytes"] / 2**20}
+    return {**raw, "train_s": train_s, "tokens_per_s": data.target_tokens / train_s, "peak_rss_mib": raw["peak_rss_bytes"] / 2**20,
+            "flops_per_s": data.flops / train_s if data.flops else None}

@@ -63,6 +63,7 @@ class Profile:
     torch_model: str  # "smollm2" | "tiny" | "llama-1b"
     mlx_model: str  # "mlx-small" | "tiny"
     notes: list[str] = field(default_factory=list)
+    gemm_seconds: float = 2.0  # timing budget of each GEMM-peak measurement (harness.flops), before and after the runs
 
 
 ALL = ("wikisql", "chat", "packed")
@@ -75,7 +76,8 @@ PROFILES = {
     # ~8 s of imports): the chat path through ftkit torch and the Trainer, the text path through ftkit MLX and
     # mlx-lm; all three sets are still built. It exercises every tool, and measures nothing.
     "smoke": Profile("smoke", Settings(steps=2, batch_size=2, grad_accum=2), ("torch", "mlx"),
-                     {"torch": ("chat",), "mlx": ("packed",)}, reps=1, packed_length=64, torch_model="tiny", mlx_model="tiny"),
+                     {"torch": ("chat",), "mlx": ("packed",)}, reps=1, packed_length=64, torch_model="tiny", mlx_model="tiny",
+                     gemm_seconds=0.2),
     # A CUDA GPU: a TinyLlama-1.1B-shaped Llama (random weights) in bf16; --qlora puts the base in nf4.
     "cuda": Profile("cuda", Settings(steps=30, batch_size=8, grad_accum=2, precision="bf16", max_seq_length=2048),
                     ("torch",), {"torch": ALL, "mlx": ALL}, reps=3, packed_length=1024, torch_model="llama-1b",

@@ -3,7 +3,8 @@
 `MetricsLog` hands every record to a `Trackers` fan-out: the "run" record (backend, device, switches,
 hardware) opens the tracker runs with the resolved recipe as their config, and each "train", "valid"
 (or any other kind of) record is logged as `<kind>/<key>` for every numeric key it carries: loss, lr,
-tokens_per_sec, grad_norm, peak_memory_gib, task metrics. The tracker packages are optional extras,
+tokens_per_sec, flops_per_sec and mfu (ftkit.train.flops; the peak they use is in the run config),
+grad_norm, peak_memory_gib, task metrics. The tracker packages are optional extras,
 imported only here and only when a recipe asks for them.
 
 A resumed run continues the same tracker runs: their ids are kept in `<run_dir>/trackers.json`. A
