@@ -6,13 +6,15 @@ rewards and the metrics are then the same on torch, MLX and numpy (validation an
 so the backends cannot drift apart. They follow TRL's DPOTrainer and ORPOTrainer:
 
 - DPO, sigmoid (Rafailov et al. 2023): h = (pc - rc) - (pr - rr); loss = -(1 - ls) log s(b h) - ls log s(-b h),
-  with `ls` the label smoothing (cDPO);
-- IPO (Azar et al. 2023): the log-probs are averaged per token, loss = (h - 1 / (2 b))^2;
+  with `ls` the label smoothing (cDPO, as TRL 0.x's sigmoid loss; TRL 1.x's sigmoid ignores label_smoothing);
+- IPO (Azar et al. 2023): h on per-token mean log-probs, loss = (h - 1 / (2 b))^2 (its rewards and logps stay
+  sums, as TRL 1.x logs them);
 - ORPO (Hong et al. 2024): reference-free; with per-token averaged policy log-probs,
   log_odds = (pc - pr) - (log(1 - e^pc) - log(1 - e^pr)), loss = -pc - lambda log s(log_odds).
-  TRL averages the NLL term over the batch's chosen tokens; here each pair's mean token NLL is averaged
-  over the pairs, which equals TRL's at one pair a batch and keeps the loss independent of how a step is
-  cut into micro-batches (4 x 1 pair = 1 x 4 pairs).
+  TRL (1.16, trl.experimental) averages the NLL term over the batch's chosen sequences' tokens, the prompt's
+  included; here each pair's mean NLL over its chosen response's tokens is averaged over the pairs, which
+  equals TRL's at one pair a batch with a one-token prompt (tests/test_trl_parity.py) and keeps the loss
+  independent of how a step is cut into micro-batches (4 x 1 pair = 1 x 4 pairs).
 
 Rewards are b * (policy - reference) (ORPO: b * policy, b = lambda), as TRL logs them.
 """
@@ -53,7 +55,7 @@ class Preference:
 
     @property
     def averages(self) -> bool:
-        """Whether the log-probs are per-token means (IPO, ORPO) rather than sums."""
+        """Whether the loss works on per-token mean log-probs (IPO, ORPO) rather than sums."""
         return self.objective == "orpo" or self.loss_type == "ipo"
 
     @property
@@ -84,10 +86,8 @@ def pair_terms(ops: Ops, pref: Preference, chosen: Any, rejected: Any, chosen_to
 
     `chosen`/`rejected`: each sequence's summed target-token log-probability under the policy;
     `*_tokens`: its target-token count; `ref_*`: the same sums under the reference (DPO only)."""
-    if pref.averages:
+    if pref.objective == "orpo":  # per-token means throughout: loss, rewards and logps (TRL's ORPOTrainer)
         chosen, rejected = chosen / chosen_tokens, rejected / rejected_tokens
-        if ref_chosen is not None:
-            ref_chosen, ref_rejected = ref_chosen / chosen_tokens, ref_rejected / rejected_tokens
     b, sg = pref.beta, ops.stop_gradient
     out: dict[str, Any] = {}
     if pref.objective == "dpo":
@@ -95,7 +95,8 @@ def pair_terms(ops: Ops, pref: Preference, chosen: Any, rejected: Any, chosen_to
             raise ValueError("DPO needs the reference log-probabilities.")
         h = (chosen - ref_chosen) - (rejected - ref_rejected)
         if pref.loss_type == "ipo":
-            out["loss"] = (h - 1.0 / (2.0 * b)) ** 2
+            per_token = (chosen - ref_chosen) / chosen_tokens - (rejected - ref_rejected) / rejected_tokens
+            out["loss"] = (per_token - 1.0 / (2.0 * b)) ** 2
         else:
             ls = pref.label_smoothing
             out["loss"] = -(1.0 - ls) * ops.log_sigmoid(b * h) - ls * ops.log_sigmoid(-b * h)

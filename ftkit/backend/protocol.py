@@ -100,3 +100,8 @@ class Backend(Protocol):
         on-disk format (`bits` per weight, one scale per `group_size`), tokenizer files copied. Needs no
         `load`: `ftkit convert --quantize` calls it on a fresh backend. A backend that quantizes only at
         load time (`model.quantize`) raises FtkitError saying so."""
+
+    def gemm_flops(self, shapes: list[tuple[int, int, int]], dtype: str, seconds: float) -> float:
+        """The best FLOP/s that `(m, k) @ (k, n)` matrix products of these shapes reach in `dtype` ("float32",
+        "bfloat16", "float16") on the device this backend trains on, measured in about `seconds`: the peak
+        ftkit.backend.peak measures MFU against where no datasheet figure is known. Needs no `load`."""

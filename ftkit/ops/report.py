@@ -1,7 +1,7 @@
 """`ftkit report RUN_DIR`: one self-contained HTML page about a run.
 
 Everything comes from the run folder (metrics.jsonl, recipe.toml, final_state.json, the adapter's
-ftkit.json, checkpoints/): loss curves, learning rate, throughput, gradient norm, memory, every
+ftkit.json, checkpoints/): loss curves, learning rate, throughput and MFU, gradient norm, memory, every
 validation metric, the recipe, the hardware and switches, and timings. The plots are inline SVG drawn
 by matplotlib (text as paths), the style is inline: the page fetches nothing and opens offline.
 """
@@ -148,6 +148,14 @@ def build(run_dir: Path) -> str:
     if pts(train, "tokens_per_sec"):
         plots.append(("throughput", "Training throughput (tokens/s, validation time excluded)",
                       _svg([("tokens/s", pts(train, "tokens_per_sec"), "-")], "tokens / s")))
+    if pts(train, "mfu"):
+        plots.append(("mfu", f"Model FLOPs utilization: achieved model FLOP/s as % of the peak ({run.get('peak_source', '?')})",
+                      _svg([("MFU %", [(x, 100 * y) for x, y in pts(train, "mfu")], "-")], "MFU (%)")))
+    elif pts(train, "flops_per_sec"):
+        plots.append(("flops", "Achieved model FLOP/s", _svg([("FLOP/s", pts(train, "flops_per_sec"), "-")], "FLOP / s")))
+    if pts(train, "rewards/accuracies"):  # a preference objective (DPO, ORPO): TRL's reward metrics
+        plots.append(("rewards", "Preference, training: reward accuracy (share of pairs whose chosen gains more) and margin",
+                      _svg([("accuracy", pts(train, "rewards/accuracies"), "-"), ("margin", pts(train, "rewards/margins"), "-")], "reward")))
     if pts(train, "grad_norm"):
         plots.append(("grad-norm", "Gradient norm (before clipping)", _svg([("grad norm", pts(train, "grad_norm"), "-")], "grad norm")))
     if pts(train, "peak_memory_gib"):
@@ -160,6 +168,7 @@ def build(run_dir: Path) -> str:
         plots.append((f"valid-{key.replace('/', '-')}", f"Validation {key}", _svg([(key, pts(flat_valid, key), "o-")], key)))
 
     tps = [r["tokens_per_sec"] for r in train if isinstance(r.get("tokens_per_sec"), (int, float))]
+    mfu = [r["mfu"] for r in train if isinstance(r.get("mfu"), (int, float))]
     elapsed = (final or {}).get("elapsed") or max((r.get("elapsed", 0) for r in train + valid), default=None)
     cards = {
         "status": status,
@@ -169,6 +178,7 @@ def build(run_dir: Path) -> str:
         "trained tokens": f"{(final or train[-1] if train else {}).get('trained_tokens', 0):,}" if train else "-",
         "training time": _duration(elapsed),
         "median tokens/s": f"{statistics.median(tps):,.0f}" if tps else "-",
+        "median MFU": f"{100 * statistics.median(mfu):.2f}%" if mfu else "-",
         "peak memory": f"{max(r['peak_memory_gib'] for r in train if 'peak_memory_gib' in r):.2f} GiB"
         if any("peak_memory_gib" in r for r in train) else "-",
     }
@@ -190,7 +200,8 @@ def build(run_dir: Path) -> str:
         cols = list(dict.fromkeys(k for r in rows for k in r if k not in ("kind", "time")))
         parts.append(f"<h2>{html.escape(str(kind))}</h2>" + _table(rows, cols))
     if train:
-        cols = ["step", "loss", "lr", "tokens_per_sec", "grad_norm", "trained_tokens", "elapsed", "peak_memory_gib"]
+        cols = ["step", "loss", "rewards/accuracies", "rewards/margins", "lr", "tokens_per_sec", "flops_per_sec", "mfu", "grad_norm",
+                "trained_tokens", "elapsed", "peak_memory_gib"]
         parts.append("<h2>Training log</h2>" + _table(train, [c for c in cols if any(c in r for r in train)]))
     parts.append("<h2>Run</h2>")
     about = {k: v for k, v in run.items() if k not in ("kind", "time", "hardware", "switches") and not isinstance(v, (dict, list))}

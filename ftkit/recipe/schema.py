@@ -283,6 +283,10 @@ class TorchSection(Section):
 class MlxSection(Section):
     quantize_group_size: int = Field(64, description="Group size when quantizing the base on load.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass.")
+    compile: Literal["auto"] | bool = Field(
+        "auto", description="Compile the training step with mx.compile, rows padded to bucketed lengths (the same losses and weights). "
+        "auto: on Apple's GPU; off on a CPU, where the step is matrix-multiply bound and padding cost more than fusion saved."
+    )
 
 
 class LogSection(Section):

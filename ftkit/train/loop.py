@@ -17,19 +17,21 @@ from typing import Any
 
 from ftkit.adapters import meta as adapter_format
 from ftkit.adapters import resolve as adapter_layout
+from ftkit.backend.objectives import Preference
 from ftkit.common.atomic import atomic_dir, write_json_atomic, write_text_atomic
 from ftkit.common.console import console
 from ftkit.data import batching
 from ftkit.train import checkpoint as ckpt
 from ftkit.train import prepare
 from ftkit.train.callbacks import CallbackList, TrainingCallback
+from ftkit.train.flops import Meter
 from ftkit.train.guard import MAX_SKIPS_IN_A_ROW, nonfinite_error
 from ftkit.train.interrupt import StopSignals
 from ftkit.train.metrics import MetricsCallback, MetricsLog
 from ftkit.train.progress import ProgressCallback
 from ftkit.train.schedule import lr_at
 from ftkit.train.tracking import for_recipe, hardware_summary
-from ftkit.train.validate import evaluate, value
+from ftkit.train.validate import evaluate, evaluate_pairs, value
 
 
 @dataclass
@@ -57,25 +59,37 @@ class StageResult:
 
 @dataclass
 class Window:
-    """The steps since the last report; their loss stays on the device until the report sums it."""
+    """The steps since the last report; their loss (and a preference objective's metrics) stay on the device
+    until the report sums them."""
 
     t: float  # when the window opened, moved on by the time spent validating since
     loss: Any = 0.0
-    targets: int = 0
+    targets: int = 0  # what the loss is a mean over: target tokens, or pairs for a preference objective
     tokens: int = 0
     steps: int = 0
+    sums: dict[str, Any] = field(default_factory=dict)  # preference metrics, summed over pairs
+
+    def add_loss(self, out: Any) -> None:
+        """A micro-batch's result: the loss sum, or a preference step's dict of sums."""
+        if isinstance(out, dict):
+            out = dict(out)
+            for k, v in out.items():
+                if k != "loss":
+                    self.sums[k] = self.sums.get(k, 0.0) + v
+            out = out["loss"]
+        self.loss += out
 
     def add(self, share: batching.Share, skipped: bool = False) -> None:
         """A step's tokens; a skipped step's targets do not count toward the loss (its loss is not added)."""
-        self.targets, self.tokens, self.steps = self.targets + (0 if skipped else share.targets), self.tokens + share.tokens, self.steps + 1
+        self.targets, self.tokens, self.steps = self.targets + (0 if skipped else share.weight), self.tokens + share.tokens, self.steps + 1
 
     def restart(self, t: float) -> None:
-        self.t, self.loss, self.targets, self.tokens, self.steps = t, 0.0, 0, 0, 0
+        self.t, self.loss, self.targets, self.tokens, self.steps, self.sums = t, 0.0, 0, 0, 0, {}
 
-    def saved(self, loss_sum: float) -> dict[str, Any]:
-        """What a checkpoint keeps of an open window (`loss_sum`: over all processes), so that the resumed run's
+    def saved(self, loss_sum: float, sums: dict[str, float]) -> dict[str, Any]:
+        """What a checkpoint keeps of an open window (the sums: over all processes), so that the resumed run's
         next report covers the same steps as an unbroken run's."""
-        return {"loss": loss_sum, "targets": self.targets, "tokens": self.tokens, "steps": self.steps,
+        return {"loss": loss_sum, "sums": sums, "targets": self.targets, "tokens": self.tokens, "steps": self.steps,
                 "seconds": time.perf_counter() - self.t}
 
     @classmethod
@@ -83,8 +97,9 @@ class Window:
         now = time.perf_counter()
         if not saved:
             return cls(t=now)
-        return cls(t=now - saved["seconds"], loss=saved["loss"] if main else 0.0,  # the sum is summed once
-                   targets=saved["targets"], tokens=saved["tokens"], steps=saved["steps"])
+        return cls(t=now - saved["seconds"], loss=saved["loss"] if main else 0.0,  # the sums are summed once
+                   targets=saved["targets"], tokens=saved["tokens"], steps=saved["steps"],
+                   sums=dict(saved.get("sums", {})) if main else {k: 0.0 for k in saved.get("sums", {})})
 
 
 class Trainer:
@@ -101,6 +116,8 @@ class Trainer:
         self.quiet = quiet or not self.main
         self.pad_id = prep.tokenizer.pad_token_id
         self.packing = self.recipe.packs
+        self.pref = Preference.of(self.recipe.train)
+        self._valid_reference: dict[int, Any] = {}  # DPO: the reference's log-probs of each validation micro-batch
         self._lengths: list[int] | None = None
         log = MetricsLog(self.run_dir, enabled=self.main, trackers=for_recipe(self.recipe, self.run_dir) if self.main else None)
         self.callbacks = CallbackList([MetricsCallback(log, self.run_dir / "loss.png", self.recipe.name),
@@ -144,9 +161,9 @@ class Trainer:
                 adapter_format.write_meta(tmp, self._meta(state))
 
     def _save_checkpoint(self, state: dict[str, Any]) -> Path:
-        loss_sum = self._check_finite(state)
+        loss_sum, sums = self._check_finite(state)
         if self.window.steps:
-            state["window"] = self.window.saved(loss_sum)
+            state["window"] = self.window.saved(loss_sum, sums)
         else:
             state.pop("window", None)
         dest = ckpt.checkpoint_dir(self.run_dir, state["step"])
@@ -209,16 +226,19 @@ class Trainer:
         record = {"step": state["step"], "kind": "run", "backend": self.backend.name, "processes": self.world.size, **self.info}
         if self.main:  # only the first process writes the record: the machine is looked at once
             record["hardware"] = hardware_summary()
+        self.meter = Meter.for_run(self.prep, self.backend, self.info, self.world.size, record.get("hardware"))  # FLOPs, the peak
+        record.update(self.meter.run_fields())
         self.callbacks.on_run(record)
-        self._say(prepare.banner(self.prep, self.backend.name, self.info, resumed))
+        self._say(prepare.banner(self.prep, self.backend.name, self.info, resumed, self.start_adapter))
         unused = prepare.other_backend_keys(self.recipe, self.backend.name)
         if unused:
             self._say(f"note: not used on {self.backend.name}: {unused}")
         if state["step"] == 0 and self.recipe.train.eval_before and self.prep.splits.valid:
-            state["first_valid_loss"] = self._validate(state)
-            self.callbacks.on_eval({"step": 0, "kind": "valid", "loss": state["first_valid_loss"]})
+            record = self._validate(state)
+            state["first_valid_loss"] = record["loss"]
+            self.callbacks.on_eval({"step": 0, "kind": "valid", **record})
         if state.pop("pending_eval", None) == state["step"] and self.prep.splits.valid:  # a signal cut it short
-            self.callbacks.on_eval({"step": state["step"], "kind": "valid", "loss": self._validate(state)})
+            self.callbacks.on_eval({"step": state["step"], "kind": "valid", **self._validate(state)})
         return state, resumed
 
     def _steps(self, state: dict[str, Any], end: int) -> None:
@@ -240,9 +260,9 @@ class Trainer:
                     state["pending_eval"] = step  # the resumed run validates first: the checkpoint comes sooner
                 elif self.prep.splits.valid and sched.is_eval(step):
                     t_eval = time.perf_counter()
-                    loss = self._validate(state)
+                    record = self._validate(state)
                     window.t += time.perf_counter() - t_eval  # tokens/s counts training time only
-                    cb.on_eval({"step": step, "kind": "valid", "loss": loss, "elapsed": time.perf_counter() - t0})
+                    cb.on_eval({"step": step, "kind": "valid", **record, "elapsed": time.perf_counter() - t0})
                 state["elapsed"] = time.perf_counter() - t0
                 if sched.is_save(step) or stop:
                     self._save_checkpoint(state)
@@ -264,13 +284,14 @@ class Trainer:
         step = state["step"] + 1
         part = self._step_share(state["position"])
         lr = lr_at(step, self.recipe.train, self.schedule)
-        loss_before = window.loss
+        before = window.loss, dict(window.sums)
+        run = self.backend.pair_forward_backward if self.pref else self.backend.forward_backward
         for i in range(part.runs):  # losses stay on the device until the report
             last = i == part.runs - 1  # DDP / FSDP reduce the gradients once, after the last
             if i < len(part.batches):
-                window.loss += self.backend.forward_backward(part.batches[i], 1.0 / part.targets, sync=last)
+                window.add_loss(run(part.batches[i], 1.0 / part.weight, sync=last))
             else:
-                self.backend.forward_backward(part.filler(), 0.0, sync=last)
+                run(part.filler(), 0.0, sync=last)
         skip = self.recipe.train.on_nonfinite == "skip"
         stats = self.backend.optimizer_step(lr, skip_nonfinite=True) if skip else self.backend.optimizer_step(lr)
         # A skipped step still takes its examples (and its dropout draws): a resumed run moves on alike.
@@ -283,30 +304,36 @@ class Trainer:
                 raise nonfinite_error(step - MAX_SKIPS_IN_A_ROW + 1, step, f"{MAX_SKIPS_IN_A_ROW} steps in a row had non-finite "
                                       'gradients and were skipped (train.on_nonfinite = "skip")', self.recipe.train, self.run_dir)
         if skipped:
-            window.loss = loss_before
+            window.loss, window.sums = before
         else:
             state["trained_tokens"] += part.targets
+        self.meter.add(part)
         window.add(part, skipped)
         return lr, stats
 
     def _report(self, state: dict[str, Any], window: Window, lr: float, stats: dict[str, Any], t0: float) -> dict[str, Any]:
         """The training record of the window, which then restarts."""
-        loss_sum = self._window_loss(window, state["step"])
+        loss_sum, sums = self._window_loss(window, state["step"])
         now = time.perf_counter()
         if window.targets:  # none when every step of the window was skipped
             state["last_train_loss"] = loss_sum / window.targets
         record = {"step": state["step"], "kind": "train", "loss": loss_sum / window.targets if window.targets else None, "lr": lr,
-                  "tokens_per_sec": window.tokens / max(1e-9, now - window.t), "trained_tokens": state["trained_tokens"],
-                  "elapsed": now - t0, **{k: value(v) for k, v in stats.items()}}
+                  "tokens_per_sec": window.tokens / max(1e-9, now - window.t),
+                  **self.meter.report(window.tokens, now - window.t, self.backend.reduce_sum), "trained_tokens": state["trained_tokens"],
+                  "elapsed": now - t0, **{k: value(v) for k, v in stats.items()},
+                  **{k: v / window.targets for k, v in sums.items() if window.targets}}
         if self.recipe.train.on_nonfinite == "skip":
             record["skipped_steps"] = state.get("skipped_steps", 0)
         window.restart(now)
         return record
 
-    def _validate(self, state: dict[str, Any]) -> float:
-        state["last_valid_loss"] = evaluate(self.backend, self.prep.splits.valid, self.recipe.train.batch_size,
-                                            self.pad_id, self.schedule.val_batches, self.world, self.packing)
-        return state["last_valid_loss"]
+    def _validate(self, state: dict[str, Any]) -> dict[str, float]:
+        """The validation record: the loss (and a preference objective's metrics) over the valid split."""
+        args = (self.backend, self.prep.splits.valid, self.recipe.train.batch_size, self.pad_id, self.schedule.val_batches,
+                self.world, self.packing)
+        record = evaluate_pairs(*args, self.pref, self._valid_reference) if self.pref else {"loss": evaluate(*args)}
+        state["last_valid_loss"] = record["loss"]
+        return record
 
     def _finish(self, state: dict[str, Any], stop_after: int | None) -> None:
         """The final adapter once every step is done; a checkpoint to resume from when `stop_after` cut the run short."""
@@ -321,22 +348,24 @@ class Trainer:
         elif stop_after is not None and self._saved_step != state["step"]:
             self._save_checkpoint(state)
 
-    def _check_finite(self, state: dict[str, Any]) -> float:
+    def _check_finite(self, state: dict[str, Any]) -> tuple[float, dict[str, float]]:
         """Before anything is written: the trainable tensors and the loss since the last report (returned), all finite."""
         step = state["step"]
         if not self.backend.trainable_finite():  # a step's loss predates its update: the weights are checked too
             raise nonfinite_error(self._finite_step + 1, step, f"the trainable weights hold NaN or inf after step {step}",
                                   self.recipe.train, self.run_dir)
-        loss_sum = self._window_loss(self.window, step) if self.window.steps else 0.0
+        sums = self._window_loss(self.window, step) if self.window.steps else (0.0, {})
         self._finite_step = step
-        return loss_sum
+        return sums
 
-    def _window_loss(self, window: Window, step: int) -> float:
-        """The summed training loss since the last report, over all processes; an error if it is not finite."""
-        (loss_sum,) = self.backend.reduce_sum([value(window.loss)])
+    def _window_loss(self, window: Window, step: int) -> tuple[float, dict[str, float]]:
+        """The summed training loss (and preference metrics) since the last report, over all processes; an error if
+        the loss is not finite."""
+        names = sorted(window.sums)
+        loss_sum, *rest = self.backend.reduce_sum([value(window.loss), *(value(window.sums[k]) for k in names)])
         if not math.isfinite(loss_sum):
             raise nonfinite_error(step - window.steps + 1, step, f"the loss is {loss_sum}", self.recipe.train, self.run_dir)
-        return loss_sum
+        return loss_sum, dict(zip(names, rest))
 
     def _step_share(self, position: int) -> batching.Share:
         train, ex = self.recipe.train, self.prep.splits.train

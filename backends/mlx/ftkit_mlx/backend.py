@@ -11,17 +11,19 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from ftkit.adapters import layout as adapter_layout
 from ftkit.adapters import targets
 from ftkit.common import distributed
 from ftkit.common.errors import FtkitError
-from ftkit.data.batch import Batch
+from ftkit.data.batch import Batch, PairBatch
 from ftkit.models.logits import final_transforms
 from ftkit.recipe.schema import Recipe
 from ftkit_mlx import methods, model_io
 from ftkit_mlx import optim as mlx_optim
+from ftkit_mlx import preference as mlx_preference
+from ftkit_mlx import step as mlx_step
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 _BITS = {"4bit": 4, "8bit": 8}
@@ -42,7 +44,8 @@ class MlxBackend:
     def __init__(self) -> None:
         self.tuned: methods.Tuned | None = None
         self.optimizer = None
-        self.grads = None
+        self.step: mlx_step.Step | None = None
+        self.reference: mlx_preference.Reference | None = None  # DPO's (set_reference)
 
     # ------------------------------------------------------------------ loading
     def load(self, recipe: Recipe, model_path: Path, *, adapter: Path | None, train: bool) -> None:
@@ -87,6 +90,8 @@ class MlxBackend:
         self.head = None
         if train:
             self.optimizer = mlx_optim.build(recipe.train)
+            self.step = mlx_step.Step(self.tuned, self.optimizer, recipe.train, compiled=mlx_step.wanted(recipe.mlx.compile),
+                                      max_length=recipe.data.max_seq_length)
             self._reseed()
         mx.eval(self.tuned.parameters())
         if train:
@@ -132,33 +137,36 @@ class MlxBackend:
             "trainable_params": int(trainable),
             "total_params": _count_parameters(self.tuned),
             "gradient_checkpointing": self.recipe.mlx.gradient_checkpointing,
+            "compiled_step": self.step is not None and self.step.compiled,
             "mlx": mx.__version__,
         }
+        if self.reference is not None:
+            info["reference"] = self.reference.description
         if "quantization" in self.config:
             q = self.config["quantization"]
             info["quantization"] = f"{q.get('bits')}-bit, group size {q.get('group_size')}"
         return info
 
     # ------------------------------------------------------------------ math
-    def _arrays(self, batch: Batch):
-        packed = None if batch.positions is None else methods.packed_attention(batch.positions, self.num_layers)
-        selected = None
-        if self.head is not None:
-            flat = np.flatnonzero(batch.mask.reshape(-1) > 0)
-            if len(flat) < batch.mask.size:
-                selected = mx.array(flat.astype(np.int32))
-        return mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask), packed, selected
+    def _loss_sum(self, tuned: methods.Tuned, inputs: mx.array, targets_: mx.array, mask: mx.array, attention=None,
+                  selected: mx.array | None = None, weights: mx.array | None = None) -> mx.array:
+        """The sum of target-token losses of one micro-batch (`mlx_step.Arrays`)."""
+        return self._token_losses(tuned, inputs, targets_, mask, attention, selected, weights).sum()
 
-    def _loss_sum(self, tuned: methods.Tuned, inputs: mx.array, targets_: mx.array, mask: mx.array, packed=None,
-                  selected: mx.array | None = None) -> mx.array:
+    def _token_losses(self, tuned: methods.Tuned, inputs: mx.array, targets_: mx.array, mask: mx.array, attention=None,
+                      selected: mx.array | None = None, weights: mx.array | None = None) -> mx.array:
+        """Each target token's loss, 0 elsewhere: [len(selected)] at the selected positions, else [B, T]
+        (the preference objectives sum them per sequence)."""
+        packed = None if attention is None else [methods.PackedAttention(attention)] * self.num_layers  # it holds no state
         if selected is not None:
             # The output head only at target positions (the masks are 0/1): no logits for prompt tokens.
             hidden = tuned.hidden_states(inputs, cache=packed)
             hidden = mx.take(hidden.reshape(-1, hidden.shape[-1]), selected, axis=0)
             logits = self.head(hidden).astype(mx.float32)
-            return nn.losses.cross_entropy(logits, mx.take(targets_.reshape(-1), selected), reduction="sum")
+            losses = nn.losses.cross_entropy(logits, mx.take(targets_.reshape(-1), selected), reduction="none")
+            return losses if weights is None else losses * weights  # weights: 0 on bucket padding
         logits = tuned(inputs, cache=packed).astype(mx.float32)
-        return (nn.losses.cross_entropy(logits, targets_, reduction="none") * mask).sum()
+        return nn.losses.cross_entropy(logits, targets_, reduction="none") * mask
 
     def _check_head(self) -> None:
         """Use the head-only-at-targets path only where it gives the model's own logits (a model whose
@@ -175,16 +183,13 @@ class MlxBackend:
             self.head = None
 
     def forward_backward(self, batch: Batch, scale: float, sync: bool = True) -> mx.array:
-        inputs, targets_, mask, packed, selected = self._arrays(batch)
+        arrays, padding = self.step.arrays(batch, self.head is not None)
+        return self.step.backward(self._loss_sum, arrays, scale, padding)
 
-        def scaled(tuned, inputs, targets_, mask):
-            loss = self._loss_sum(tuned, inputs, targets_, mask, packed, selected)
-            return loss * scale, loss
-
-        (_, loss), grads = nn.value_and_grad(self.tuned, scaled)(self.tuned, inputs, targets_, mask)
-        self.grads = grads if self.grads is None else tree_map(mx.add, self.grads, grads)
-        mx.eval(loss, self.grads)
-        return loss  # evaluated; the core reads it at the next report
+    @property
+    def grads(self):
+        """The gradients accumulated so far in this step (None before the first micro-batch)."""
+        return self.step.grads
 
     def start_training(self) -> None:
         """Nothing to wrap: one process, and the optimizer is made at load."""
@@ -196,24 +201,11 @@ class MlxBackend:
         pass
 
     def optimizer_step(self, lr: float, skip_nonfinite: bool = False) -> dict[str, Any]:
-        grads, self.grads = self.grads, None
-        norm = mlx_optim.global_norm(grads)
-        if skip_nonfinite and not mx.isfinite(norm).item():
-            # No update, and the optimizer's step count stays: reseeding from it, the next step draws this
-            # one's dropout masks again, as a run resumed from a checkpoint here does (exact resume).
-            self._reseed()
-            return {"grad_norm": norm, "skipped": True}
-        max_norm = self.recipe.train.max_grad_norm
-        if max_norm:
-            factor = mx.minimum(max_norm / (norm + 1e-6), 1.0)  # torch's clip_grad_norm_
-            grads = tree_map(lambda g: g * factor, grads)
-        params, grads = mlx_optim.apply_weight_decay(self.recipe.train, self.tuned.trainable_parameters(), grads, lr)
-        self.tuned.update(params)
-        self.optimizer.learning_rate = lr
-        self.optimizer.update(self.tuned, grads)
-        mx.eval(self.tuned.trainable_parameters(), self.optimizer.state)
+        norm, skipped = self.step.update(lr, skip_nonfinite)
+        # Skipped: the optimizer's step count stays, so reseeding from it, the next step draws this one's
+        # dropout masks again, as a run resumed from a checkpoint here does (exact resume).
         self._reseed()
-        return {"grad_norm": norm, **({"skipped": False} if skip_nonfinite else {})}
+        return {"grad_norm": norm, **({"skipped": skipped} if skip_nonfinite else {})}
 
     def trainable_finite(self) -> bool:
         leaves = [v for _, v in tree_flatten(self.tuned.trainable_parameters())]
@@ -232,7 +224,7 @@ class MlxBackend:
         was_training = self.tuned.training
         self.tuned.train(False)
         try:
-            loss = self._loss_sum(self.tuned, *self._arrays(batch))  # the target-position head too
+            loss = self._loss_sum(self.tuned, *mlx_step.batch_arrays(batch, self.head is not None)[0])  # the target-position head too
             mx.eval(loss)
             return loss.item()
         finally:
@@ -257,6 +249,16 @@ class MlxBackend:
         cache = state if state is not None else make_prompt_cache(self.tuned.model)
         logits = self.tuned(mx.array([new_ids]), cache=cache)[0, -1].astype(mx.float32)
         return np.array(logits), cache
+
+    # ------------------------------------------------------------------ preference objectives (ftkit_mlx.preference)
+    def set_reference(self, adapter: Path | None) -> None:
+        self.reference = mlx_preference.make_reference(self, None if adapter is None else Path(adapter))
+
+    def pair_forward_backward(self, batch: PairBatch, scale: float, sync: bool = True) -> dict[str, Any]:
+        return mlx_preference.pair_forward_backward(self, batch, scale)
+
+    def sequence_logps(self, batch: PairBatch, reference: bool = False) -> np.ndarray:
+        return mlx_preference.sequence_logps(self, batch, reference)
 
     # ------------------------------------------------------------------ adapter tensors
     def adapter_tensors(self) -> dict[str, np.ndarray]:
@@ -315,3 +317,8 @@ class MlxBackend:
 
     def quantize_folder(self, src: Path, dest: Path, bits: int, group_size: int) -> None:
         model_io.quantize_folder(src, dest, bits, group_size)
+
+    def gemm_flops(self, shapes: list[tuple[int, int, int]], dtype: str, seconds: float) -> float:
+        from ftkit_mlx.gemm import best_flops
+
+        return best_flops(shapes, dtype, seconds)

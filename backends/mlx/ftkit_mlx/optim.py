@@ -34,14 +34,18 @@ def build(train: TrainSection) -> optim.Optimizer:
     raise FtkitError(f"train.optimizer = '{train.optimizer}' is not available on the MLX backend.")
 
 
-def apply_weight_decay(train: TrainSection, params: dict, grads: dict, lr: float) -> tuple[dict, dict]:
-    """Decoupled decay (adam/adamw, as the torch backend's AdamW; adafactor) shrinks the matrices; for SGD it is L2 added to the gradient, as torch does."""
+def apply_weight_decay(train: TrainSection, params: dict, grads: dict, decay: float | mx.array) -> tuple[dict, dict]:
+    """Decoupled decay (adam/adamw, as the torch backend's AdamW; adafactor) shrinks the matrices by `decay`
+    (1 - lr * weight_decay: a Python float, or a float32 scalar inside a compiled update, where the learning
+    rate must not be a traced constant); for SGD it is L2 added to the gradient, as torch does."""
     wd = train.weight_decay
     if not wd:
         return params, grads
     if train.optimizer == "sgd":
         return params, tree_map(lambda g, p: g + wd * p if p.ndim >= 2 else g, grads, params)
-    return tree_map(lambda p: p * (1 - lr * wd) if p.ndim >= 2 else p, params), grads
+    if isinstance(decay, mx.array):
+        return tree_map(lambda p: p * decay.astype(p.dtype) if p.ndim >= 2 else p, params), grads
+    return tree_map(lambda p: p * decay if p.ndim >= 2 else p, params), grads
 
 
 def global_norm(grads: dict) -> mx.array:

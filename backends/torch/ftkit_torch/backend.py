@@ -15,10 +15,11 @@ import torch.nn.functional as F
 
 from ftkit.common import distributed
 from ftkit.common.errors import FtkitError
-from ftkit.data.batch import Batch
+from ftkit.data.batch import Batch, PairBatch
 from ftkit.models.logits import final_transforms
 from ftkit.recipe.schema import Recipe
-from ftkit_torch import parallel
+from ftkit_torch import parallel, preference
+from ftkit_torch import precision as precision_rule
 from ftkit_torch.loss import HeadLoss
 from ftkit_torch.methods import attach_method, count_parameters
 from ftkit_torch.optim import LocalShards, build_optimizer
@@ -125,6 +126,7 @@ class TorchBackend:
     def __init__(self) -> None:
         self.model = None
         self.optimizer = None
+        self.reference: preference.Reference | None = None  # DPO's (set_reference)
 
     # ------------------------------------------------------------------ loading
     def load(self, recipe: Recipe, model_path: Path, *, adapter: Path | None, train: bool) -> None:
@@ -145,9 +147,10 @@ class TorchBackend:
         if self.world.size > 1:
             self.device = parallel.join(self.world, self.device.type)
         cuda = self.device.type == "cuda"
-        bf16_ok = cuda and torch.cuda.is_bf16_supported()
-        precision = cfg.precision if cfg.precision != "auto" else ("bf16" if bf16_ok else "fp32")
-        self.precision = precision
+        self.precision_choice = precision_rule.resolve(
+            cfg.precision, self.device.type, cuda_bf16=cuda and torch.cuda.is_bf16_supported(),
+            flags=precision_rule.cpu_flags() if self.device.type == "cpu" else frozenset())
+        precision = self.precision = self.precision_choice.name
         self.autocast_dtype = _PRECISIONS.get(precision)
         if recipe.model.dtype != "auto":
             dtype = _DTYPES[recipe.model.dtype]
@@ -224,7 +227,9 @@ class TorchBackend:
         cfg = self.recipe.torch
         attn = getattr(self.model.config, "_attn_implementation", None) or cfg.attn_implementation
         out = {
-            "precision": self.precision + (" autocast" if self.autocast_dtype else ""),
+            # with auto, what it chose and why: the banner's "switches" line and the report show it
+            "precision": self.precision + (" autocast" if self.autocast_dtype else "")
+                         + (f" ({self.precision_choice.reason})" if self.precision_choice.reason else ""),
             "loss scaling": "on" if self.scaler is not None else "off",
             "gradient checkpointing": "on" if cfg.gradient_checkpointing else "off",
             "torch.compile": "on" if cfg.compile else "off",
@@ -242,13 +247,15 @@ class TorchBackend:
         return {
             "device": str(self.device) + (f" ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda" else ""),
             "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
-            "precision": self.precision,
+            "precision": self.precision,  # the bare name: ftkit.backend.peak reads the compute dtype from it
+            **({"precision_choice": self.precision_choice.reason} if self.precision_choice.reason else {}),
             "trainable_params": trainable,
             "total_params": total,
             "gradient_checkpointing": self.recipe.torch.gradient_checkpointing,
             "torch": torch.__version__,
             "switches": self.switches(),
             **({"quantization": f"{quantization_label(self.recipe)} (bitsandbytes)"} if self.recipe.model.quantize != "none" else {}),
+            **({"reference": self.reference.label, "reference_bytes": self.reference.nbytes} if self.reference else {}),
         }
 
     # ------------------------------------------------------------------ math
@@ -301,6 +308,16 @@ class TorchBackend:
             scaled = loss * (scale * self.world.size)
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         return loss.detach()  # read by the core at the next report: no host sync per micro-batch
+
+    # DPO / ORPO: ftkit_torch.preference
+    def set_reference(self, adapter: Path | None) -> None:
+        self.reference = preference.build_reference(self, adapter)
+
+    def pair_forward_backward(self, batch: PairBatch, scale: float, sync: bool = True) -> dict[str, Any]:
+        return preference.pair_forward_backward(self, batch, scale, sync)
+
+    def sequence_logps(self, batch: PairBatch, reference: bool = False) -> np.ndarray:
+        return preference.sequence_logps(self, batch, reference)
 
     def _gradient_sync(self, sync: bool):
         """Reduce gradients across processes only after a step's last micro-batch."""
@@ -424,7 +441,9 @@ class TorchBackend:
         """Every process calls this; under FSDP the shards are gathered, and the first process writes."""
         state = parallel.gathered_state_dict(self.model, trainable_only=self.recipe.is_adapter) if self.sharded else None
         if self.world.is_main:
-            self.model.save_pretrained(dest, state_dict=state, safe_serialization=True)
+            # the trained adapter only: a DPO reference adapter loaded beside it is not part of the result
+            only = {"selected_adapters": ["default"]} if hasattr(self.model, "peft_config") else {}
+            self.model.save_pretrained(dest, state_dict=state, safe_serialization=True, **only)
 
     def fuse(self, dest: Path, dequantize: bool) -> None:
         model = self._peft()
@@ -476,3 +495,8 @@ class TorchBackend:
             'model.quantize = "nf4", "fp4" or "int8" in the recipe and keep the folder as it is. '
             "`ftkit convert --quantize` writes MLX's quantized format and needs the MLX backend."
         )
+
+    def gemm_flops(self, shapes: list[tuple[int, int, int]], dtype: str, seconds: float) -> float:
+        from ftkit_torch.gemm import best_flops
+
+        return best_flops(shapes, dtype, getattr(self, "device", None) or pick_device("auto"), seconds)  # loaded: its device
