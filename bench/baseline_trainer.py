@@ -5,9 +5,11 @@ written the way the PEFT and transformers docs show it, with nothing tuned for s
 
 CONFIG.json holds the shared settings (bench/harness/settings.py): model folder, data file (`{"text"}` or
 `{"messages"}` jsonl), format, steps, batch size, gradient accumulation, lr, scheduler, weight decay,
-max_grad_norm, LoRA rank/alpha/dropout, precision, quantization, gradient checkpointing, seed, output dir.
+max_grad_norm, LoRA rank/alpha/dropout, precision, quantization, gradient checkpointing, seed, output dir,
+and optionally `valid` (a jsonl file of the same format, evaluated once after training, outside the timed loop).
 It writes `result.json` there: the training loop's start and end time, the last logged loss, the examples
-and target tokens the data collator handed to the model, and the loss log.
+and target tokens the data collator handed to the model, the loss log, the frozen weights' dtype and, with
+`valid`, `Trainer.evaluate`'s `eval_loss` as `valid_loss`.
 
 What a user gets from the docs, and so what this does: the rows are tokenized once up front (a list,
 as `datasets.map` would hold them), labels are the input ids with -100 on what is not trained on (the
@@ -85,8 +87,11 @@ class Clock(TrainerCallback):
             Clock.losses.append({"step": state.global_step, "loss": float(logs["loss"])})
 
 
-def main() -> None:
-    cfg = json.loads(Path(sys.argv[1]).read_text())
+def main(config: str | None = None) -> None:
+    cfg = json.loads(Path(config or sys.argv[1]).read_text())
+    # class-level tallies: zeroed so that bench/cpu_bf16.py --smoke can run several trainings in one process
+    CountingCollator.examples = CountingCollator.target_tokens = 0
+    Clock.start, Clock.end, Clock.losses, Clock.report_ends = None, None, [], []
     out = Path(cfg["output_dir"])
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cfg["precision"] == "bf16" else torch.float32
@@ -130,11 +135,17 @@ def main() -> None:
     trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[Clock()],
                       data_collator=CountingCollator(tokenizer, padding=True, label_pad_token_id=-100))
     trainer.train()
+    counted = {"examples": CountingCollator.examples, "own_target_tokens": CountingCollator.target_tokens}  # before validation's batches
+    valid = None
+    if cfg.get("valid"):
+        rows = [json.loads(line) for line in Path(cfg["valid"]).read_text().splitlines() if line.strip()]
+        valid = trainer.evaluate([tokenize(r, tokenizer, cfg["format"], cfg["max_seq_length"]) for r in rows])["eval_loss"]
     # the end of the last step as the log sees it: after its loss is read back (on a GPU, after the step's kernels ran)
     end = Clock.report_ends[-1] if Clock.report_ends and Clock.losses[-1]["step"] == trainer.state.global_step else Clock.end
     result = {"start": Clock.start, "end": end, "report_ends": Clock.report_ends, "steps": trainer.state.global_step,
               "final_loss": Clock.losses[-1]["loss"] if Clock.losses else None, "losses": Clock.losses,
-              "examples": CountingCollator.examples, "own_target_tokens": CountingCollator.target_tokens,
+              **counted, "valid_loss": valid,
+              "frozen_dtype": str(next(p for p in model.parameters() if not p.requires_grad).dtype).replace("torch.", ""),
               "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
     (out / "result.json").write_text(json.dumps(result))
 
