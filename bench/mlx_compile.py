@@ -1,7 +1,7 @@
 """The compiled MLX step ([mlx] compile = true) against the eager one, through ftkit's own loop.
 
     python bench/mlx_compile.py --model mlx-small --steps 20 --reps 2
-    python bench/mlx_compile.py --model smollm2 --steps 3 --reps 1      # ~1-2 min a step on a 2-core CPU
+    python bench/mlx_compile.py --model smollm2 --steps 3 --reps 1      # 2-4 min a step on a 2-core CPU
     python bench/mlx_compile.py --model tiny --steps 4 --dropout 0.1 --check   # also: the same losses and adapter
 
 Each run trains LoRA (r 8, alpha 16, every linear layer; the quickstart's settings: WikiSQL {"text"} rows,

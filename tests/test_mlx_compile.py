@@ -136,7 +136,7 @@ def test_bucketing_keeps_the_compiled_shapes_few_and_bounded(tiny_model_dir, mon
 
     # Rows of 4 to 61 tokens, twenty lengths: four buckets (16 .. 64), each with a first micro-batch of two
     # rows and a second of one: eight compiled functions (the full-logits head: no target index to bucket).
-    be = backend(tiny_model_dir, True, dropout=0.0)
+    be = backend(tiny_model_dir, True)
     be.head = None
     for n in range(5, 63, 3):
         be.forward_backward(make_batch(examples([n, n], seed=n), 0), 0.01)
