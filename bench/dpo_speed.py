@@ -20,8 +20,10 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -110,7 +112,8 @@ def trl_child(model: Path, steps: int, batch: int) -> dict:
             marks.append((time.perf_counter(), cpu_s()))
 
     tokenizer = AutoTokenizer.from_pretrained(model)
-    args = DPOConfig(output_dir=str(REPO / "runs" / "bench-trl-dpo"), learning_rate=LR, lr_scheduler_type="constant",
+    out = tempfile.mkdtemp(prefix="dpo-speed-trl-")  # TRL writes nothing there with save_strategy "no"; removed after
+    args = DPOConfig(output_dir=out, learning_rate=LR, lr_scheduler_type="constant",
                      warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", per_device_train_batch_size=batch,
                      max_steps=steps + 1, bf16=False, fp16=False, gradient_checkpointing=False, logging_steps=1, report_to=[],
                      save_strategy="no", seed=0, use_cpu=True, disable_tqdm=True, beta=0.1, max_length=512)
@@ -120,6 +123,7 @@ def trl_child(model: Path, steps: int, batch: int) -> dict:
                       peft_config=lora, callbacks=[Clock()])
     seqs = [len(r["prompt_ids"]) + len(r[k]) for r in trainer.train_dataset for k in ("chosen_ids", "rejected_ids")]
     trainer.train()
+    shutil.rmtree(out, ignore_errors=True)
     times = [end[0] - start[0] for start, end in zip(marks[0::2], marks[1::2])][1:]
     cpus = [end[1] - start[1] for start, end in zip(marks[0::2], marks[1::2])][1:]
     tokens = sum(seqs[2 * batch :])  # the timed steps' sequences
