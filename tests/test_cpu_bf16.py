@@ -106,7 +106,8 @@ def test_bench_smoke_compares_the_two_precisions(tmp_path, tiny_model_dir, cpu_b
     assert cpu_bf16.HEADERS == ("tool", "precision", "weights", "trained tok/s", "train s", "final loss", "valid loss",
                                 "load avg before -> after")
     assert header not in out.err  # plain text unless --markdown
-    assert all(h in out.err.splitlines()[2] for h in cpu_bf16.HEADERS)
+    assert any(all(h in line for h in cpu_bf16.HEADERS) for line in out.err.splitlines())  # the table's header, wherever
+    # other output (a library's warning) puts it
     runs = report["runs"]
     assert [(r["tool"], r["precision"]) for r in runs] == [("ftkit", "fp32"), ("ftkit", "bf16"), ("trainer", "fp32"), ("trainer", "bf16")]
     for r in runs:
