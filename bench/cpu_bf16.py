@@ -1,11 +1,12 @@
 """bf16 autocast against fp32 on this CPU: ftkit's torch backend and a plain Trainer + PEFT, on the same rows.
 
-    python bench/cpu_bf16.py --markdown                # SmolLM2-135M, 20 steps x 4 WikiSQL rows, 2 repetitions
+    python bench/cpu_bf16.py --markdown                # SmolLM2-135M, 20 steps x 4 WikiSQL rows, 2 repetitions (~10 min on 2 idle cores)
     python bench/cpu_bf16.py --smoke --json            # a tiny model, 2 steps, in this process: tests/test_cpu_bf16.py
     python bench/cpu_bf16.py --tools ftkit --steps 30 --reps 3 --model DIR
 
-What `torch.precision = "auto"` picks on a CPU rests on this measurement (ftkit_torch/precision.py says what
-was measured). Both tools get bench/speed.py's torch-pair settings (bench/harness/settings.py: LoRA r8, alpha
+What `torch.precision = "auto"` picks on a CPU rests on this measurement and on the quickstart's validation loss in
+both precisions (`ftkit train recipes/quickstart.toml --set torch.precision=fp32`, then `=bf16`); ftkit_torch/precision.py
+holds the figures and the verdict. Both tools get bench/speed.py's torch-pair settings (bench/harness/settings.py: LoRA r8, alpha
 16, every linear layer, AdamW, lr 2e-4 cosine, clipping at 1.0, seed 0, one epoch of the same WikiSQL rows),
 and after training each validates once, outside the timed loop, on the same fixed slice of WikiSQL's valid
 split. The two precisions are what each tool does when asked for them:

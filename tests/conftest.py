@@ -11,6 +11,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # MFU's peak for every run the suite starts (child processes too): no GEMM probe in a test that does not ask for one
 os.environ.setdefault("FTKIT_PEAK_FLOPS", "1e12")
+# torch.precision = "auto" on a CPU: fp32 on every machine, so that pinned losses do not depend on the CPU's bf16 flags
+os.environ.setdefault("FTKIT_CPU_BF16", "0")
 
 
 @pytest.fixture(scope="session")

@@ -148,7 +148,7 @@ class TorchBackend:
             self.device = parallel.join(self.world, self.device.type)
         cuda = self.device.type == "cuda"
         self.precision_choice = precision_rule.resolve(
-            cfg.precision, self.device.type, cuda_bf16=cuda and torch.cuda.is_bf16_supported(),
+            cfg.precision, self.device.type, train=train, cuda_bf16=cuda and torch.cuda.is_bf16_supported(),
             flags=precision_rule.cpu_flags() if self.device.type == "cpu" else frozenset())
         precision = self.precision = self.precision_choice.name
         self.autocast_dtype = _PRECISIONS.get(precision)
