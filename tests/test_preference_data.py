@@ -260,3 +260,21 @@ def test_the_shipped_commonsenseqa_pairs_are_what_the_script_builds(tmp_path, to
     assert (first["chosen"], first["rejected"]) == (" ignore", " enforce")
     splits = tokenize(DataSection(path=str(REPO / "data" / "commonsenseqa_pairs"), max_seq_length=512), tokenizer)
     assert (len(splits.train), len(splits.valid), splits.n_dropped["train"], splits.n_dropped["valid"]) == (488, 100, 0, 0)
+
+
+def test_the_shipped_wikisql_pairs_are_what_the_script_builds(tmp_path, tokenizer):
+    spec = importlib.util.spec_from_file_location("build_sql_pairs", REPO / "data" / "wikisql_pairs" / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    assert build.build(tmp_path) == {"train": {"column": 497, "value": 503}, "valid": {"column": 57, "value": 43}}
+    for split in ("train", "valid"):
+        assert (tmp_path / f"{split}.jsonl").read_bytes() == (REPO / "data" / "wikisql_pairs" / f"{split}.jsonl").read_bytes()
+    rows = [json.loads(x) for x in (tmp_path / "valid.jsonl").read_text().splitlines()]
+    sources = [json.loads(x)["text"] for x in (REPO / "data" / "wikisql" / "valid.jsonl").read_text().splitlines()]
+    for row, text in zip(rows, sources, strict=True):  # the chosen SQL is the source's; the rejected differs in one place
+        assert row["prompt"] + row["chosen"] == text and row["rejected"] != row["chosen"]
+        kept = row["chosen"].split(" FROM ")[0] if row["corruption"] == "value" else row["chosen"].split(" FROM ", 1)[1]
+        assert kept in row["rejected"]
+    splits = tokenize(DataSection(path=str(REPO / "data" / "wikisql_pairs"), max_seq_length=1024), tokenizer)  # this tokenizer: up to 536
+    assert (len(splits.train), len(splits.valid), splits.n_dropped["train"], splits.n_dropped["valid"]) == (1000, 100, 0, 0)
+    assert splits.n_truncated["train"] == splits.n_truncated["valid"] == 0
