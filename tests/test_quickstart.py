@@ -41,8 +41,9 @@ def test_quickstart_recipe_trains_smollm2_offline(tmp_path):
     meta = json.loads((Path(out["adapter"]) / "ftkit.json").read_text())
     assert meta["base_model"]["fingerprint"].startswith("sha256:")
 
-    ev = ftkit("eval", "recipes/quickstart.toml", "--adapter", out["adapter"], *sets[:2], "--set", "train.batch_size=8", env=env)
-    assert ev["examples"] == 100 and ev["loss"] < out["first_valid_loss"]
+    ev = ftkit("eval", "recipes/quickstart.toml", "--adapter", out["adapter"], *sets[:2], "--set", "train.batch_size=8",
+               "--set", "data.max_rows.test=40", env=env)  # 40 of the 100 test rows: the suite's time
+    assert ev["examples"] == 40 and ev["loss"] < out["first_valid_loss"]
     gen = ftkit("generate", "--model", str(gguf_path()), "--adapter", out["adapter"], "--max-tokens", "8",
                 "--prompt", "table: 1-10015132-11\nQ: Who is from Canada?\nA:", env=env)
     assert gen["prompt_tokens"] > 5 and gen["tokens"] <= 8
