@@ -54,11 +54,6 @@ class Preference:
         return self.objective == "dpo"
 
     @property
-    def averages(self) -> bool:
-        """Whether the loss works on per-token mean log-probs (IPO, ORPO) rather than sums."""
-        return self.objective == "orpo" or self.loss_type == "ipo"
-
-    @property
     def metric_names(self) -> tuple[str, ...]:
         return ("loss", *METRICS, *(ORPO_METRICS if self.objective == "orpo" else ()))
 

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,6 +112,26 @@ def _busy(load: float | None) -> bool:
     """More runnable processes than cores: threads of a matmul wait for one another, and the rate measured is the
     machine's load, not its peak (on a 2-core CPU at load 12, a 256 x 64 x 128 product ran 1000x slower)."""
     return load is not None and load > (os.cpu_count() or 1)
+
+
+def fastest(shapes: list[tuple[int, int, int]], product: Callable[[int, int, int], Callable[[int], None]], seconds: float) -> float:
+    """The highest FLOP/s of `(m, k) @ (k, n)` over these shapes, each timed for about `seconds / len(shapes)`: the
+    fastest of repeated timings (a shared machine's slow moments left out). A backend's `gemm_flops` supplies
+    `product(m, k, n)`: its operands made once, it returns a function that runs `inner` such products and returns when
+    they are done (synchronized with the device)."""
+    best, budget = 0.0, seconds / max(1, len(shapes))
+    for m, k, n in shapes:
+        run = product(m, k, n)
+        run(1)  # warm-up: kernel selection, caches, the operands' own evaluation
+        inner, start = 1, time.perf_counter()
+        while time.perf_counter() - start < budget:
+            t0 = time.perf_counter()
+            run(inner)
+            dt = time.perf_counter() - t0
+            best = max(best, 2.0 * m * k * n * inner / dt)
+            if dt < 2e-3:  # too short to time alone (launch overhead, timer resolution): time more at once
+                inner *= 2
+    return best
 
 
 def probe(backend: Any, shapes: list[tuple[int, int, int]], dtype: str, seconds: float) -> tuple[float, list[tuple[int, int, int]]]:

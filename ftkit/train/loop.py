@@ -72,7 +72,6 @@ class Window:
     def add_loss(self, out: Any) -> None:
         """A micro-batch's result: the loss sum, or a preference step's dict of sums."""
         if isinstance(out, dict):
-            out = dict(out)
             for k, v in out.items():
                 if k != "loss":
                     self.sums[k] = self.sums.get(k, 0.0) + v
