@@ -140,3 +140,54 @@ def logits_on(backend_name: str, model_dir: Path, adapter: Path | None, prompt: 
     import mlx.core as mx
 
     return np.array(be.tuned(mx.array([ids]))[0].astype(mx.float32))
+
+
+# ---------------------------------------------------------------- preference pairs (tests/test_preference_*.py)
+PAIR_PAD = 3  # the pad id of the pair tests' batches
+
+
+def moved(tensors: dict, seed: int = 1, size: float = 0.05) -> dict:
+    """A's drawn, B non-zero: a policy that differs from the base."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return {k: (v + size * rng.standard_normal(v.shape).astype(np.float32)) if "lora_B" in k else v for k, v in tensors.items()}
+
+
+def random_pairs(n: int = 4, seed: int = 0, vocab: int = 400) -> list:
+    """Prompt + chosen / prompt + rejected token ids of varied lengths (the mask marks each response)."""
+    import numpy as np
+
+    from ftkit.data.batch import Example, Pair
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        prompt = rng.integers(10, vocab, int(rng.integers(4, 12))).tolist()
+        chosen, rejected = (rng.integers(10, vocab, int(rng.integers(2, 9))).tolist() for _ in range(2))
+        out.append(Pair(Example(prompt + chosen, [0] * len(prompt) + [1] * len(chosen)),
+                        Example(prompt + rejected, [0] * len(prompt) + [1] * len(rejected))))
+    return out
+
+
+def one_batch(ps: list, packing: bool = False):
+    """All of `ps` as one pair micro-batch."""
+    from ftkit.data.pairs import pair_micro_batches
+
+    (pb,) = pair_micro_batches(ps, len(ps), PAIR_PAD, packing)
+    return pb
+
+
+# ---------------------------------------------------------------- bench/ scripts imported by tests
+def bench_module(name: str):
+    """bench/<name>.py imported with bench/ on sys.path (its `harness` imports need it) for as long as a test runs:
+    a fixture's body, `yield from bench_module("cpu_bf16")`."""
+    import importlib
+    import sys
+
+    bench = str(REPO / "bench")
+    sys.path.insert(0, bench)
+    try:
+        yield importlib.import_module(name)
+    finally:
+        sys.path.remove(bench)

@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from builders import recipe_file  # noqa: E402
+from builders import bench_module, recipe_file  # noqa: E402
 from ftkit_torch import precision  # noqa: E402
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 AVX512_BF16 = frozenset({"fpu", "avx512f", "avx512_bf16"})
 AMX = frozenset({"fpu", "avx512f", "amx_tile", "amx_bf16"})
 PLAIN_AVX512 = frozenset({"fpu", "avx512f", "avx512bw"})  # AVX-512 without bf16 instructions: bf16 is emulated
@@ -108,13 +105,7 @@ def test_the_backend_follows_the_rule_and_says_why(tmp_path, tiny_model_dir, mon
 
 @pytest.fixture
 def cpu_bf16():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import cpu_bf16
-
-        yield cpu_bf16
-    finally:
-        sys.path.remove(str(BENCH))
+    yield from bench_module("cpu_bf16")
 
 
 def test_bench_smoke_compares_the_two_precisions(tmp_path, tiny_model_dir, cpu_bf16, capsys):

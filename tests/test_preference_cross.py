@@ -15,7 +15,8 @@ pytest.importorskip("torch")
 pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
 
-from test_preference_mlx import PAD, make_recipe, moved, one_batch, pairs
+from builders import PAIR_PAD, moved, one_batch, random_pairs
+from test_preference_mlx import make_recipe
 
 from ftkit.adapters import init
 from ftkit.backend.registry import get_backend
@@ -60,7 +61,7 @@ def start(tiny_model_dir):
 
 @pytest.mark.parametrize("kind,packing", [("lora", False), ("lora", True), ("dora", False)], ids=["lora-padded", "lora-packed", "dora-padded"])
 def test_sequence_logps_and_pair_step_agree(tiny_model_dir, start, kind, packing):
-    ps = pairs(6, seed=7)
+    ps = random_pairs(6, seed=7)
     pb = one_batch(ps, packing)
     t, m = (loaded(name, tiny_model_dir, kind, start[kind]) for name in ("torch", "mlx"))
     for reference in (False, True):
@@ -87,7 +88,7 @@ def test_dpo_steps_agree(tiny_model_dir, start, tmp_path, case):
         sft.set_adapter_tensors(start[kind])
         sft.save_adapter(tmp_path / "sft")
         args = {"adapter": tmp_path / "sft", "reference": tmp_path / "sft"}
-    ps = pairs(12, seed=11)
+    ps = random_pairs(12, seed=11)
     first = one_batch(ps[:4])
     runs, before, after = {}, {}, {}
     for name in ("torch", "mlx"):
@@ -95,7 +96,7 @@ def test_dpo_steps_agree(tiny_model_dir, start, tmp_path, case):
         before[name] = be.sequence_logps(first)
         rows = []
         for step in range(3):
-            sums = [floats(be.pair_forward_backward(pb, 1 / 4)) for pb in pair_micro_batches(ps[4 * step : 4 * step + 4], 2, PAD, False)]
+            sums = [floats(be.pair_forward_backward(pb, 1 / 4)) for pb in pair_micro_batches(ps[4 * step : 4 * step + 4], 2, PAIR_PAD, False)]
             be.optimizer_step(train["lr"])
             rows.append({k: sum(s[k] for s in sums) / 4 for k in sums[0]})
         runs[name], after[name] = rows, be.sequence_logps(first)

@@ -16,6 +16,7 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
 
+from builders import PAIR_PAD, moved, one_batch, random_pairs
 from mlx.utils import tree_flatten
 
 from ftkit.adapters import init
@@ -25,8 +26,6 @@ from ftkit.common.errors import FtkitError
 from ftkit.data.batch import Example, Pair
 from ftkit.data.pairs import pair_micro_batches
 from ftkit.recipe.load import build_recipe
-
-PAD = 3
 
 
 def make_recipe(model_dir: Path, kind: str = "lora", alpha: float = 8, model: dict | None = None, method: dict | None = None, **train):
@@ -47,29 +46,6 @@ def backend(model_dir: Path, kind: str = "lora", adapter: Path | None = None, te
     return be
 
 
-def moved(tensors: dict[str, np.ndarray], seed: int = 1, size: float = 0.05) -> dict[str, np.ndarray]:
-    """A's drawn, B non-zero: a policy that differs from the base."""
-    rng = np.random.default_rng(seed)
-    return {k: (v + size * rng.standard_normal(v.shape).astype(np.float32)) if "lora_B" in k else v for k, v in tensors.items()}
-
-
-def pairs(n: int = 4, seed: int = 0, vocab: int = 400) -> list[Pair]:
-    """Prompt + chosen / prompt + rejected token ids of varied lengths (the mask marks each response)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        prompt = rng.integers(10, vocab, int(rng.integers(4, 12))).tolist()
-        chosen, rejected = (rng.integers(10, vocab, int(rng.integers(2, 9))).tolist() for _ in range(2))
-        out.append(Pair(Example(prompt + chosen, [0] * len(prompt) + [1] * len(chosen)),
-                        Example(prompt + rejected, [0] * len(prompt) + [1] * len(rejected))))
-    return out
-
-
-def one_batch(ps: list[Pair], packing: bool = False):
-    (pb,) = pair_micro_batches(ps, len(ps), PAD, packing)
-    return pb
-
-
 def floats(sums: dict) -> dict[str, float]:
     return {k: float(v.item()) for k, v in sums.items()}
 
@@ -78,7 +54,7 @@ def floats(sums: dict) -> dict[str, float]:
 def test_first_step_is_the_reference_loss_log2_rewards_0(tiny_model_dir, kind):
     be = backend(tiny_model_dir, kind)
     be.set_reference(None)
-    pb = one_batch(pairs(4))
+    pb = one_batch(random_pairs(4))
     sums = floats(be.pair_forward_backward(pb, 0.25))
     assert sums["loss"] == pytest.approx(4 * math.log(2), abs=1e-5)
     for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
@@ -104,7 +80,7 @@ def test_adapter_off_reference_is_the_base_and_stays_frozen(request, tiny_model_
         kind, model = "lora", {"quantize": "4bit"}
     if case == "lora-experts":
         model_dir, method = request.getfixturevalue("mixtral_dir"), {"targets": ["all-linear", "experts"]}
-    pb = one_batch(pairs(4))
+    pb = one_batch(random_pairs(4))
     base = backend(model_dir, "full", train=False, model=model).sequence_logps(pb)  # mlx-lm's model, no adapter layers at all
     be = backend(model_dir, kind, model=model, method=method)
     be.set_adapter_tensors(moved(be.adapter_tensors()))
@@ -122,7 +98,7 @@ def test_adapter_off_reference_is_the_base_and_stays_frozen(request, tiny_model_
 
 
 def test_adapter_reference_is_that_adapter_frozen(tiny_model_dir, tmp_path):
-    pb = one_batch(pairs(4))
+    pb = one_batch(random_pairs(4))
     start = backend(tiny_model_dir)
     start.set_adapter_tensors(moved(start.adapter_tensors()))
     start.save_adapter(tmp_path / "sft")
@@ -146,7 +122,7 @@ def test_adapter_reference_is_that_adapter_frozen(tiny_model_dir, tmp_path):
 def test_reference_adapter_with_another_alpha_and_a_mismatched_one(tiny_model_dir, tmp_path):
     """A reference saved with another lora_alpha computes as that adapter does (its scale folded into B);
     one of another rank is refused, naming why."""
-    pb = one_batch(pairs(2))
+    pb = one_batch(random_pairs(2))
     other = backend(tiny_model_dir, alpha=16)
     other.set_adapter_tensors(moved(other.adapter_tensors()))
     other.save_adapter(tmp_path / "a16")
@@ -164,7 +140,7 @@ def test_reference_adapter_with_another_alpha_and_a_mismatched_one(tiny_model_di
 
 
 def test_full_reference_is_a_frozen_copy_of_the_start(tiny_model_dir):
-    pb = one_batch(pairs(2))
+    pb = one_batch(random_pairs(2))
     be = backend(tiny_model_dir, "full", lr=1e-3)
     be.set_reference(None)
     assert "frozen copy" in be.describe()["reference"]
@@ -179,13 +155,13 @@ def test_full_reference_is_a_frozen_copy_of_the_start(tiny_model_dir):
 
 
 def test_four_micro_batches_of_one_pair_equal_one_of_four(tiny_model_dir):
-    ps = pairs(4)
+    ps = random_pairs(4)
     start = moved(backend(tiny_model_dir).adapter_tensors())
     whole, parts = backend(tiny_model_dir, tensors=start), backend(tiny_model_dir, tensors=start)
     for be in (whole, parts):
         be.set_reference(None)
     total = floats(whole.pair_forward_backward(one_batch(ps), 0.25))
-    split = [floats(parts.pair_forward_backward(pb, 0.25)) for pb in pair_micro_batches(ps, 1, PAD, False)]
+    split = [floats(parts.pair_forward_backward(pb, 0.25)) for pb in pair_micro_batches(ps, 1, PAIR_PAD, False)]
     for k, v in total.items():
         assert sum(s[k] for s in split) == pytest.approx(v, rel=1e-5, abs=1e-6), k
     a, b = dict(tree_flatten(whole.grads)), dict(tree_flatten(parts.grads))
@@ -201,7 +177,7 @@ def test_four_micro_batches_of_one_pair_equal_one_of_four(tiny_model_dir):
 
 def test_packed_rows_give_the_padded_log_probs_and_step(tiny_model_dir):
     long = Pair(Example(list(range(20, 50)), [0] * 22 + [1] * 8), Example(list(range(60, 86)), [0] * 22 + [1] * 4))
-    ps = [long, *pairs(5, seed=3)]  # rows as long as the longest sequence: the short ones share them
+    ps = [long, *random_pairs(5, seed=3)]  # rows as long as the longest sequence: the short ones share them
     padded, packed = one_batch(ps), one_batch(ps, packing=True)
     assert packed.batch.positions is not None and packed.batch.inputs.shape[0] < 12  # several sequences share rows
     be = backend(tiny_model_dir, tensors=moved(backend(tiny_model_dir).adapter_tensors()))
@@ -217,7 +193,7 @@ def test_packed_rows_give_the_padded_log_probs_and_step(tiny_model_dir):
                                    {"objective": "orpo", "orpo_lambda": 0.3}], ids=["dpo-smoothed", "ipo", "orpo"])
 def test_pair_step_is_numpy_terms_of_sequence_logps(tiny_model_dir, train):
     """The MLX ops given to `pair_terms` compute what numpy's do, on the backend's own log-probabilities."""
-    pb = one_batch(pairs(4, seed=5))
+    pb = one_batch(random_pairs(4, seed=5))
     be = backend(tiny_model_dir, tensors=moved(backend(tiny_model_dir).adapter_tensors(), size=0.2), **train)
     pref = Preference.of(be.recipe.train)
     ref = be.sequence_logps(pb, reference=True) if pref.uses_reference else None
@@ -232,4 +208,4 @@ def test_pair_step_is_numpy_terms_of_sequence_logps(tiny_model_dir, train):
 def test_sft_recipe_refuses_the_pair_step(tiny_model_dir):
     be = backend(tiny_model_dir, objective="sft")
     with pytest.raises(FtkitError, match="objective is 'sft'"):
-        be.pair_forward_backward(one_batch(pairs(1)), 1.0)
+        be.pair_forward_backward(one_batch(random_pairs(1)), 1.0)

@@ -17,6 +17,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
+from builders import PAIR_PAD, moved, one_batch, random_pairs
+
 from ftkit.adapters import init
 from ftkit.backend.objectives import Preference, numpy_terms
 from ftkit.backend.registry import get_backend
@@ -24,8 +26,6 @@ from ftkit.common.errors import AdapterMismatchError, FtkitError
 from ftkit.data.batch import Example, Pair
 from ftkit.data.pairs import pair_micro_batches
 from ftkit.recipe.load import build_recipe
-
-PAD = 3
 
 
 def make_recipe(model_dir: Path, kind: str = "lora", quantize: str = "none", **train):
@@ -51,33 +51,10 @@ def backend(model_dir: Path, kind: str = "lora", adapter: Path | None = None, te
     return be
 
 
-def moved(tensors: dict[str, np.ndarray], seed: int = 1, size: float = 0.05) -> dict[str, np.ndarray]:
-    """A's drawn, B non-zero: a policy that differs from the base."""
-    rng = np.random.default_rng(seed)
-    return {k: (v + size * rng.standard_normal(v.shape).astype(np.float32)) if "lora_B" in k else v for k, v in tensors.items()}
-
-
 @pytest.fixture(scope="module")
 def start(tiny_model_dir) -> dict[str, np.ndarray]:
     """LoRA tensors as a run draws them, B moved off zero: a policy away from its reference."""
     return moved(backend(tiny_model_dir, reference=False).adapter_tensors())
-
-
-def pairs(n: int = 4, seed: int = 0, vocab: int = 400) -> list[Pair]:
-    """Prompt + chosen / prompt + rejected token ids of varied lengths (the mask marks each response)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        prompt = rng.integers(10, vocab, int(rng.integers(4, 12))).tolist()
-        chosen, rejected = (rng.integers(10, vocab, int(rng.integers(2, 9))).tolist() for _ in range(2))
-        out.append(Pair(Example(prompt + chosen, [0] * len(prompt) + [1] * len(chosen)),
-                        Example(prompt + rejected, [0] * len(prompt) + [1] * len(rejected))))
-    return out
-
-
-def one_batch(ps: list[Pair], packing: bool = False):
-    (pb,) = pair_micro_batches(ps, len(ps), PAD, packing)
-    return pb
 
 
 def floats(sums: dict) -> dict[str, float]:
@@ -97,7 +74,7 @@ def steps(be, pb, n: int = 3, lr: float = 1e-2) -> None:
 @pytest.mark.parametrize("kind", ["lora", "dora", "full"])
 def test_first_step_is_the_reference_loss_log2_rewards_0(tiny_model_dir, kind):
     be = backend(tiny_model_dir, kind)
-    pb = one_batch(pairs(4))
+    pb = one_batch(random_pairs(4))
     out = be.pair_forward_backward(pb, 0.25)
     assert all(isinstance(v, torch.Tensor) and v.ndim == 0 for v in out.values())  # device scalars: no host sync
     sums = floats(out)
@@ -120,7 +97,7 @@ def test_first_step_is_the_reference_loss_log2_rewards_0(tiny_model_dir, kind):
 
 @pytest.mark.parametrize("kind", ["lora", "dora"])
 def test_adapter_off_reference_is_the_base_and_stays_frozen(tiny_model_dir, start, kind):
-    pb = one_batch(pairs(4))
+    pb = one_batch(random_pairs(4))
     base = backend(tiny_model_dir, "full", train=False).sequence_logps(pb)  # the plain model, no adapter layers at all
     tensors = start
     if kind == "dora":  # a magnitude away from ||W||: DoRA switched off must be W itself, not m * W / ||W||
@@ -141,7 +118,7 @@ def test_adapter_off_reference_is_the_base_and_stays_frozen(tiny_model_dir, star
 
 
 def test_adapter_reference_is_that_adapter_frozen(tiny_model_dir, start, tmp_path):
-    pb = one_batch(pairs(4))
+    pb = one_batch(random_pairs(4))
     sft = backend(tiny_model_dir, tensors=start, reference=False)
     sft.save_adapter(tmp_path / "sft")
     base = backend(tiny_model_dir, "full", train=False).sequence_logps(pb)
@@ -181,7 +158,7 @@ def test_a_reference_that_is_not_a_lora_adapter_is_refused(tiny_model_dir, tmp_p
 def test_full_reference_is_a_frozen_copy_and_a_path_is_that_model(tiny_model_dir, tmp_path):
     from builders import build_tiny_llama
 
-    pb = one_batch(pairs(2))
+    pb = one_batch(random_pairs(2))
     be = backend(tiny_model_dir, "full", lr=1e-3)
     ref0 = be.sequence_logps(pb, reference=True)
     np.testing.assert_allclose(ref0, be.sequence_logps(pb), rtol=1e-6)
@@ -197,7 +174,7 @@ def test_full_reference_is_a_frozen_copy_and_a_path_is_that_model(tiny_model_dir
 
 def test_qlora_nf4_reference_is_the_quantized_base_and_stays_frozen(tiny_model_dir):
     pytest.importorskip("bitsandbytes")
-    pb = one_batch(pairs(2))
+    pb = one_batch(random_pairs(2))
     be = backend(tiny_model_dir, quantize="nf4", tensors=None)
     assert type(be.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
     sums = floats(be.pair_forward_backward(pb, 0.5))
@@ -217,12 +194,12 @@ def test_qlora_nf4_reference_is_the_quantized_base_and_stays_frozen(tiny_model_d
 @pytest.mark.parametrize(("objective", "packing"), [("dpo", False), ("dpo", True), ("orpo", False)],
                          ids=["dpo-padded", "dpo-packed", "orpo-padded"])
 def test_four_micro_batches_of_one_pair_equal_one_of_four(tiny_model_dir, start, objective, packing):
-    ps = pairs(4)
+    ps = random_pairs(4)
     whole = backend(tiny_model_dir, tensors=start, objective=objective)
     parts = backend(tiny_model_dir, tensors=start, objective=objective)
     total = floats(whole.pair_forward_backward(one_batch(ps, packing), 0.25))
     split = [floats(parts.pair_forward_backward(pb, 0.25, sync=i == 3))
-             for i, pb in enumerate(pair_micro_batches(ps, 1, PAD, packing))]
+             for i, pb in enumerate(pair_micro_batches(ps, 1, PAIR_PAD, packing))]
     for k, v in total.items():
         assert sum(s[k] for s in split) == pytest.approx(v, rel=1e-5, abs=1e-6), k
     a, b = grads(whole), grads(parts)
@@ -233,7 +210,7 @@ def test_four_micro_batches_of_one_pair_equal_one_of_four(tiny_model_dir, start,
 
 def test_packed_rows_give_the_padded_log_probs_and_step(tiny_model_dir, start):
     long = Pair(Example(list(range(20, 50)), [0] * 22 + [1] * 8), Example(list(range(60, 86)), [0] * 22 + [1] * 4))
-    ps = [long, *pairs(5, seed=3)]  # rows as long as the longest sequence: the short ones share them
+    ps = [long, *random_pairs(5, seed=3)]  # rows as long as the longest sequence: the short ones share them
     padded, packed = one_batch(ps), one_batch(ps, packing=True)
     assert packed.batch.positions is not None and packed.batch.inputs.shape[0] < 12  # several sequences share rows
     be = backend(tiny_model_dir, tensors=start)
@@ -253,7 +230,7 @@ def test_packed_rows_give_the_padded_log_probs_and_step(tiny_model_dir, start):
 def test_sequence_logps_are_the_plain_logits_log_probs(tiny_model_dir, start, logits_at):
     """Whichever way the backend selects the head's positions (transformers 5's boolean mask, older versions'
     shared columns, a model without logits_to_keep)."""
-    ps = pairs(3, seed=7)
+    ps = random_pairs(3, seed=7)
     be = backend(tiny_model_dir, tensors=start)
     be.logits_at = logits_at
     got = be.sequence_logps(one_batch(ps))
@@ -272,7 +249,7 @@ def test_the_chunked_head_gives_the_same_log_probs_and_gradients(tiny_model_dir,
     """Large vocabularies x many targets: the head runs a chunk of tokens at a time inside the forward."""
     from ftkit_torch import loss, preference
 
-    pb = one_batch(pairs(4, seed=2))
+    pb = one_batch(random_pairs(4, seed=2))
     plain, chunked = backend(tiny_model_dir, tensors=start), backend(tiny_model_dir, tensors=start)
     assert chunked.head_loss is not None and chunked.head_loss.enabled
     a = floats(plain.pair_forward_backward(pb, 0.25))
@@ -296,7 +273,7 @@ def test_the_chunked_head_gives_the_same_log_probs_and_gradients(tiny_model_dir,
                                    {"objective": "orpo", "orpo_lambda": 0.3}], ids=["dpo-smoothed", "ipo", "orpo"])
 def test_pair_step_is_numpy_terms_of_sequence_logps(tiny_model_dir, start, train):
     """The torch ops given to `pair_terms` compute what numpy's do, on the backend's own log-probabilities."""
-    pb = one_batch(pairs(4, seed=5))
+    pb = one_batch(random_pairs(4, seed=5))
     be = backend(tiny_model_dir, tensors=moved(start, size=0.2), **train)
     pref = Preference.of(be.recipe.train)
     ref = be.sequence_logps(pb, reference=True) if pref.uses_reference else None
@@ -313,7 +290,7 @@ def test_sync_false_defers_the_gradient_reduction(tiny_model_dir, monkeypatch):
     seen = []
     real = be._gradient_sync
     monkeypatch.setattr(be, "_gradient_sync", lambda sync: seen.append(sync) or real(sync))
-    pb = one_batch(pairs(1))
+    pb = one_batch(random_pairs(1))
     be.pair_forward_backward(pb, 0.5, sync=False)
     be.pair_forward_backward(pb, 0.5)
     assert seen == [False, True]
@@ -322,7 +299,7 @@ def test_sync_false_defers_the_gradient_reduction(tiny_model_dir, monkeypatch):
 def test_sft_recipe_refuses_the_pair_step(tiny_model_dir):
     be = backend(tiny_model_dir, objective="sft", reference=False)
     with pytest.raises(FtkitError, match="objective is 'sft'"):
-        be.pair_forward_backward(one_batch(pairs(1)), 1.0)
+        be.pair_forward_backward(one_batch(random_pairs(1)), 1.0)
 
 
 def test_torch_ops_give_numpys_values_and_the_analytic_gradient():

@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from builders import bench_module
 
 
 @pytest.fixture
 def step_profile():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import step_profile
-
-        yield step_profile
-    finally:
-        sys.path.remove(str(BENCH))
+    yield from bench_module("step_profile")
 
 
 @pytest.mark.parametrize(("op", "part"), [
