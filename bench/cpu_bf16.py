@@ -54,22 +54,11 @@ FULL = {"steps": 20, "batch_size": 4, "reps": 2, "valid_rows": 40, "model": "smo
 SMOKE = {"steps": 2, "batch_size": 2, "reps": 1, "valid_rows": 4, "model": "tiny"}
 
 
-def loadavg() -> list[float]:
-    """The 1, 5 and 15 minute load averages (/proc/loadavg; os.getloadavg elsewhere)."""
-    try:
-        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-    except OSError:
-        return list(os.getloadavg())
-
-
 def cpu_flags() -> list[str]:
     """The CPU's bf16 features as /proc/cpuinfo lists them (empty where there is no /proc/cpuinfo)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return sorted(f for f in flags if "bf16" in f or f.startswith("amx"))
+    from ftkit_torch.precision import cpu_flags as all_flags
+
+    return sorted(f for f in all_flags() if "bf16" in f or f.startswith("amx"))
 
 
 # ---------------------------------------------------------------- one run of each tool
@@ -230,12 +219,12 @@ def main(argv: list[str] | None = None) -> int:
                 ps = s.with_(precision=prec)
                 run_dir = work / "runs" / stamp / f"{tool}-{prec}-rep{rep}"
                 say(f"rep {rep + 1}/{reps}: {TOOLS[tool]} {prec} ...")
-                before = loadavg()
+                before = process.loadavg()
                 if tool == "ftkit":
                     raw = run_ftkit(ps, model, data.folder, run_dir, args.smoke, args.timeout, work)
                 else:
                     raw = run_trainer(ps, model, data, valid, run_dir, args.smoke, args.timeout, work)
-                r = {"tool": tool, "precision": prec, "rep": rep, "run_dir": str(run_dir), "load_before": before, "load_after": loadavg(), **raw}
+                r = {"tool": tool, "precision": prec, "rep": rep, "run_dir": str(run_dir), "load_before": before, "load_after": process.loadavg(), **raw}
                 if "error" not in r and (r["steps"], r["examples"]) != (s.steps, s.examples):
                     r["error"] = f"ran {r['steps']} steps over {r['examples']} examples, not {s.steps} over {s.examples}"
                 if "error" in r:

@@ -27,7 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from harness import process  # noqa: E402
+
 PAIRS = REPO / "data" / "commonsenseqa_pairs" / "train.jsonl"
 TOOLS = ("ftkit-sft", "ftkit-dpo", "trl-dpo")
 LR = 2e-4
@@ -40,7 +45,7 @@ def cpu_s() -> float:
 
 
 def loadavg() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    return " ".join(f"{x:.2f}" for x in process.loadavg())
 
 
 def rows(n: int) -> list[dict]:

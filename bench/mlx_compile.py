@@ -25,16 +25,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from harness import models  # noqa: E402
+from harness import models, process  # noqa: E402
 
 REPO = HERE.parent
 
 
 def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
+    return " ".join(f"{x:.2f}" for x in process.loadavg())
 
 
 def run(model: Path, work: Path, name: str, compiled: bool, args) -> dict:

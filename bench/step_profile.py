@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from harness import datasets, models  # noqa: E402
+from harness import datasets, models, process  # noqa: E402
 from harness import flops as bench_flops  # noqa: E402
 from harness.settings import PROFILES, ftkit_recipe, ftkit_sets  # noqa: E402
 
@@ -162,13 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     model = models.resolve(profile.torch_model, work, args.model)
     data = datasets.build(args.data, work, model, s.examples, profile.packed_length, s.max_seq_length, s.seed)
-    load_before = os.getloadavg()
+    load_before = process.loadavg()
     shapes = bench_flops.gemm_shapes(model, s, data)
     peaks = [bench_flops.gemm_peak("torch", s, shapes, profile.gemm_seconds)]
     model_flops_step = bench_flops.data_flops(model, s, data) / s.steps  # the rows are spread evenly over the steps
     plain = unprofiled_step_s(s, model, data, work)
     r = run(s, model, data, work)
-    load_after = os.getloadavg()
+    load_after = process.loadavg()
     peaks.append(bench_flops.gemm_peak("torch", s, shapes, profile.gemm_seconds))
     peak = max(peaks, key=lambda g: g["flops"])  # as bench/speed.py: the probe before the runs and after, the larger
     per_step = r["wall_s"] / r["steps"]

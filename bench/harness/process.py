@@ -50,6 +50,14 @@ def _tree_rss(proc: psutil.Process) -> int:
     return total
 
 
+def loadavg() -> list[float]:
+    """The 1, 5 and 15 minute load averages (/proc/loadavg; os.getloadavg elsewhere), printed beside every timing."""
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return list(os.getloadavg())
+
+
 def exit_on_sigterm() -> None:
     """SIGTERM ends the benchmark like Ctrl-C does, so that `run` takes the running child's tree with it."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
